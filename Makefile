@@ -1,0 +1,43 @@
+# convserve: `make serve` and `make test` set up .venv/ themselves (once; a stamp file marks it).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP) ## create .venv/ and install convserve with its dev tools
+
+serve: $(STAMP) ## serve the bundled models on http://127.0.0.1:8000
+	$(BIN)/convserve serve
+
+test: $(STAMP) lint typecheck ## lint, typecheck and run the whole test suite
+	$(BIN)/python -m pytest
+
+lint: $(STAMP) ## ruff lint + format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP) ## mypy --strict
+	$(BIN)/mypy
+
+fmt: $(STAMP) ## format and autofix
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+models: $(STAMP) ## retrain the bundled models (digits, lenet5) into new store versions
+	$(BIN)/convserve train --arch small_cnn --name digits --epochs 12
+	$(BIN)/convserve train --arch lenet5 --name lenet5 --epochs 12
+
+.PHONY: help venv serve test lint typecheck fmt models

@@ -1,0 +1,1 @@
+"""HTTP controllers: predict, models, health, management."""

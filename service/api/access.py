@@ -1,0 +1,142 @@
+"""Access logs, request ids and per-request metrics, as one ASGI middleware."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any, cast
+
+from litestar import Request
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import metrics
+
+log = logging.getLogger("convserve.access")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+SCOPE_KEY = "convserve"
+PREDICTION_PATHS = re.compile(r"^(/predict|/models/[^/]+/predict|/v2/models/.+/infer)$")
+
+
+def annotate(request: Request[Any, Any, Any], **fields: object) -> None:
+    """Attach facts (model, version, batch size) to the request for its access-log line."""
+    facts = cast("dict[str, Any]", request.scope).setdefault(SCOPE_KEY, {})
+    facts.update(fields)
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope.get("headers", []):
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            if REQUEST_ID.fullmatch(text):
+                return text
+    return uuid.uuid4().hex
+
+
+def access_middleware(app: ASGIApp) -> ASGIApp:
+    """Echo or mint X-Request-ID, log one line per request, count prediction outcomes."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        raw = cast("dict[str, Any]", scope)
+        if raw["type"] != "http":
+            await app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = _request_id(scope)
+        facts: dict[str, Any] = {"request_id": request_id}
+        raw[SCOPE_KEY] = facts
+        predicting = bool(PREDICTION_PATHS.match(raw["path"])) and raw["method"] == "POST"
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message = cast("Message", {**message, "headers": headers})
+            await send(message)
+
+        if predicting:
+            metrics.INFLIGHT.inc()
+        try:
+            await app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            if predicting:
+                metrics.INFLIGHT.dec()
+                model = str(facts.get("model", metrics.UNKNOWN))
+                version = str(facts.get("version", metrics.UNKNOWN))
+                metrics.REQUESTS.labels(model, version, str(status)).inc()
+                metrics.REQUEST_DURATION.labels(model, str(status)).observe(elapsed)
+            _log(raw, facts, status, elapsed)
+
+    return middleware
+
+
+def _log(scope: dict[str, Any], facts: dict[str, Any], status: int, elapsed: float) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    record = {
+        "request_id": facts["request_id"],
+        "method": scope["method"],
+        "path": scope["path"],
+        "status": status,
+        "latency_ms": round(elapsed * 1000, 2),
+        **{k: v for k, v in facts.items() if k != "request_id"},
+    }
+    client = scope.get("client")
+    if client:
+        record["client"] = client[0]
+    log.info("access", extra={"access": record})
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; access lines carry their fields at the top level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        access = getattr(record, "access", None)
+        if access is not None:
+            entry.update(access)
+        else:
+            entry["message"] = record.getMessage()
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        access = getattr(record, "access", None)
+        if access is None:
+            return super().format(record)
+        extras = " ".join(
+            f"{k}={v}"
+            for k, v in access.items()
+            if k not in {"method", "path", "status", "latency_ms"}
+        )
+        request = f"{access['method']} {access['path']} {access['status']}"
+        line = f"{request} {access['latency_ms']}ms {extras}"
+        return f"{self.formatTime(record, '%H:%M:%S')} {record.levelname} {record.name} {line}"
+
+
+def configure_logging(log_format: str, level: str) -> None:
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", "%H:%M:%S")
+        )
+    for name in ("convserve", "uvicorn", "litestar"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level.upper())
+        logger.propagate = False

@@ -1,0 +1,111 @@
+"""Request bodies -> image bytes: raw image bodies and multipart `file` parts, within limits."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import multipart
+from litestar import Request
+from litestar.exceptions import ClientException, InternalServerException
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
+
+from service.config import Settings
+from service.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+
+RAW_TYPES = ("application/octet-stream",)
+REFUSED_IMAGE_TYPES = {
+    "image/svg+xml": "SVG is a vector format; send a raster image (PNG, JPEG, ...)",
+}
+ACCEPTED = (
+    "image/* or application/octet-stream (one image), or multipart/form-data with `file` parts"
+)
+
+
+@dataclass(frozen=True)
+class Upload:
+    label: str  # how errors name this image: "body" or "file 2 (cat.jpg)"
+    data: bytes
+
+
+def _too_large(settings: Settings) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"the request body exceeds the limit of {settings.max_body_bytes:,} bytes"
+    )
+
+
+async def _chunks(request: Request[Any, Any, Any], settings: Settings) -> AsyncIterator[bytes]:
+    """The body as it arrives; the byte limit is enforced on Content-Length first, then on reads."""
+    try:
+        async for chunk in request.stream():
+            if chunk:
+                yield chunk
+    except RequestEntityTooLarge:
+        raise _too_large(settings) from None
+    except InternalServerException:
+        raise BadRequestError("the client disconnected before sending the whole body") from None
+    except ClientException as exc:
+        raise BadRequestError(str(exc.detail)) from None
+
+
+async def _parse_multipart(
+    request: Request[Any, Any, Any], boundary: str, settings: Settings
+) -> list[Upload]:
+    uploads: list[Upload] = []
+    try:
+        parser = multipart.PushMultipartParser(boundary, max_segment_count=settings.max_images)
+    except multipart.MultipartError as exc:
+        raise BadRequestError(f"malformed multipart/form-data: {exc}") from None
+    segment: multipart.MultipartSegment | None = None
+    parts: list[bytes] = []
+    try:
+        with parser:
+            async for chunk in _chunks(request, settings):
+                for event in parser.parse(chunk):
+                    if isinstance(event, multipart.MultipartSegment):
+                        segment, parts = event, []
+                    elif event:
+                        parts.append(event)
+                    elif segment is not None:
+                        if segment.name == "file" or segment.filename:
+                            name = f" ({segment.filename})" if segment.filename else ""
+                            uploads.append(
+                                Upload(f"file {len(uploads) + 1}{name}", b"".join(parts))
+                            )
+                        segment = None
+                if parser.closed:
+                    break
+    except multipart.ParserLimitReached:
+        raise PayloadTooLargeError(
+            f"more than {settings.max_images} parts in one request; the limit is "
+            f"{settings.max_images} images"
+        ) from None
+    except multipart.MultipartError as exc:
+        raise BadRequestError(
+            f"malformed multipart/form-data ({exc}); check the boundary in Content-Type"
+        ) from None
+    if not uploads:
+        raise BadRequestError("the multipart body has no `file` part; send -F file=@image.jpg")
+    return uploads
+
+
+async def read_uploads(request: Request[Any, Any, Any], settings: Settings) -> list[Upload]:
+    """Every image in the request, in order; 413/415/400 problems for anything else."""
+    header = request.headers.get("content-type", "")
+    media_type, options = multipart.parse_options_header(header)
+    media_type = media_type.lower()
+    if media_type == "multipart/form-data":
+        boundary = options.get("boundary")
+        if not boundary:
+            raise BadRequestError("multipart/form-data without a boundary in Content-Type")
+        return await _parse_multipart(request, boundary, settings)
+    if media_type in REFUSED_IMAGE_TYPES:
+        raise UnsupportedMediaTypeError(REFUSED_IMAGE_TYPES[media_type])
+    if media_type.startswith("image/") or media_type in RAW_TYPES:
+        body = bytearray()
+        async for chunk in _chunks(request, settings):
+            body.extend(chunk)
+        return [Upload("body", bytes(body))]
+    shown = media_type or "no Content-Type"
+    raise UnsupportedMediaTypeError(f"{shown} is not accepted; send {ACCEPTED}")

@@ -1,0 +1,262 @@
+"""Batcher: one bounded queue per model version, drained by one worker into batched forward passes.
+
+The worker runs whatever is queued the moment the model is free. It waits (at most max_delay,
+counted from the oldest queued image) only while more requests for this model are still being
+decoded, so a lone request on an idle model adds no waiting. Every job has its own future: a
+failing batch is retried image by image, so one bad image fails alone and no caller hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service import metrics
+from service.classifier import Classifier
+from service.errors import (
+    DeadlineExceededError,
+    InferenceError,
+    QueueFullError,
+    ServiceError,
+    ShuttingDownError,
+)
+from service.heatmaps import ReadPoint
+
+log = logging.getLogger("convserve.batching")
+
+Task = tuple[str, str] | None  # None: plain prediction; (method, layer): a heatmap
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one image gets back from its batch."""
+
+    probabilities: np.ndarray  # (classes,) float32, sums to 1
+    batch_size: int
+    grid: np.ndarray | None = None  # (h, w) 0..1, heatmap jobs only
+    target: int | None = None
+    point: ReadPoint | None = None
+
+
+@dataclass(eq=False)
+class Job:
+    array: np.ndarray  # (C, H, W) float32, normalized
+    future: asyncio.Future[Outcome]
+    deadline: float  # time.monotonic()
+    task: Task = None
+    target: int | None = None
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """Queue + worker for one model version; inference runs on `executor`, off the event loop."""
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue: int,
+    ) -> None:
+        self.classifier = classifier
+        self.executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self._queue: deque[Job] = deque()
+        self._incoming = 0
+        self._running = 0
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+        self._worker: asyncio.Task[None] | None = None
+        self._labels = (classifier.name, str(classifier.version))
+        metrics.QUEUE_CAPACITY.labels(*self._labels).set(max_queue)
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(
+            self._run(), name=f"batcher {self._labels}"
+        )
+
+    @contextlib.contextmanager
+    def incoming(self, count: int) -> Iterator[None]:
+        """Mark `count` images as being decoded for this model: a forming batch waits for them."""
+        self._incoming += count
+        try:
+            yield
+        finally:
+            self._incoming -= count
+            self._wake.set()
+
+    def submit(
+        self,
+        arrays: Sequence[np.ndarray],
+        deadline: float,
+        task: Task = None,
+        target: int | None = None,
+    ) -> list[asyncio.Future[Outcome]]:
+        """Queue one request's images together, or refuse them all at once (503) when full."""
+        if self._closed:
+            raise ShuttingDownError("the model is being unloaded; retry", retry_after=1)
+        if len(self._queue) + len(arrays) > self.max_queue:
+            metrics.REJECTED.labels(self._labels[0], "queue_full").inc()
+            raise QueueFullError(
+                f"the queue for {self._labels[0]} v{self._labels[1]} holds {len(self._queue)} of "
+                f"{self.max_queue} images; retry shortly",
+                retry_after=1,
+            )
+        loop = asyncio.get_running_loop()
+        futures = []
+        for array in arrays:
+            job = Job(array, loop.create_future(), deadline, task, target)
+            self._queue.append(job)
+            futures.append(job.future)
+        self._idle.clear()
+        metrics.QUEUE_DEPTH.labels(*self._labels).set(len(self._queue))
+        self._wake.set()
+        return futures
+
+    async def _wait_for_more(self) -> None:
+        """Hold the batch while decodes are in flight, up to max_delay after the oldest arrival."""
+        while self._queue and len(self._queue) < self.max_batch_size and self._incoming > 0:
+            remaining = self._queue[0].arrived + self.max_delay_s - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), remaining)
+
+    def _take(self) -> list[Job]:
+        """Up to max_batch_size jobs of the oldest job's kind; expired jobs get 504 here, unrun."""
+        now = time.monotonic()
+        batch: list[Job] = []
+        kept: deque[Job] = deque()
+        task: Task | bool = False
+        while self._queue:
+            job = self._queue.popleft()
+            if job.future.done():
+                continue  # the caller gave up (deadline or disconnect)
+            if job.deadline <= now:
+                metrics.REJECTED.labels(self._labels[0], "deadline").inc()
+                job.future.set_exception(
+                    DeadlineExceededError("the request waited in the queue past its deadline")
+                )
+                continue
+            if task is False:
+                task = job.task
+            if job.task == task and len(batch) < self.max_batch_size:
+                batch.append(job)
+            else:
+                kept.append(job)
+        self._queue = kept
+        metrics.QUEUE_DEPTH.labels(*self._labels).set(len(self._queue))
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._wake.clear()
+            if not self._queue:
+                if self._running == 0:
+                    self._idle.set()
+                await self._wake.wait()
+                continue
+            await self._wait_for_more()
+            batch = self._take()
+            if not batch:
+                continue
+            self._running += 1
+            try:
+                outcomes = await loop.run_in_executor(self.executor, self._execute, batch)
+            except BaseException as exc:  # cancelled while running: nobody may hang
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(ShuttingDownError("the model was unloaded"))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            finally:
+                self._running -= 1
+            for job, outcome in zip(batch, outcomes, strict=True):
+                if job.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    job.future.set_exception(outcome)
+                else:
+                    job.future.set_result(outcome)
+
+    def _execute(self, batch: list[Job]) -> Sequence[Outcome | ServiceError]:
+        """Runs in the inference thread: one forward pass for the whole batch."""
+        started = time.monotonic()
+        size = len(batch)
+        for job in batch:
+            metrics.QUEUE_WAIT.labels(*self._labels).observe(started - job.arrived)
+        task = batch[0].task
+        arrays = [job.array for job in batch]
+        try:
+            if task is None:
+                probabilities = self.classifier.predict(arrays)
+                outcomes = [Outcome(probabilities[i], size) for i in range(size)]
+            else:
+                method, layer = task
+                explained = self.classifier.explain(
+                    arrays, method, layer, [j.target for j in batch]
+                )
+                outcomes = [
+                    Outcome(
+                        explained.probabilities[i],
+                        size,
+                        explained.grids[i],
+                        explained.targets[i],
+                        explained.point,
+                    )
+                    for i in range(size)
+                ]
+        except Exception as exc:
+            if size > 1:  # find the image at fault: the others still get their answers
+                log.warning("batch of %d failed (%s); retrying image by image", size, exc)
+                return [outcome for job in batch for outcome in self._execute([job])]
+            log.exception("inference failed for %s v%s", *self._labels)
+            return [InferenceError(f"inference failed: {type(exc).__name__}: {exc}")]
+        elapsed = time.monotonic() - started
+        kind = "predict" if task is None else task[0]
+        metrics.INFERENCE.labels(*self._labels, kind).observe(elapsed)
+        metrics.BATCH_SIZE.labels(*self._labels).observe(size)
+        metrics.IMAGES.labels(*self._labels).inc(size)
+        for outcome in outcomes:
+            metrics.TOP_PROBABILITY.labels(*self._labels).observe(
+                float(outcome.probabilities.max())
+            )
+        return outcomes
+
+    async def drain(self) -> None:
+        """Stop taking new work and finish everything already admitted."""
+        self._closed = True
+        await self._idle.wait()
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+        for job in self._queue:
+            if not job.future.done():
+                job.future.set_exception(ShuttingDownError("the model was unloaded"))
+        self._queue.clear()
+        metrics.QUEUE_DEPTH.labels(*self._labels).set(0)

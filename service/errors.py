@@ -1,0 +1,168 @@
+"""The service's error hierarchy; every failure a user can cause is one of these.
+
+    ServiceError
+    ├── BadRequestError (400)
+    │   ├── InvalidImageError
+    │   └── ImageTooLargeError
+    ├── NotFoundError (404)
+    │   ├── ModelNotFoundError
+    │   ├── VersionNotFoundError
+    │   └── LayerNotFoundError
+    ├── NotAcceptableError (406)
+    ├── PayloadTooLargeError (413)
+    ├── UnsupportedMediaTypeError (415)
+    ├── InvalidParameterError (422)
+    ├── UnauthorizedError (401)
+    ├── ConflictError (409)
+    ├── InferenceError (500)
+    ├── UnavailableError (503)
+    │   ├── QueueFullError
+    │   └── ModelNotReadyError
+    └── DeadlineExceededError (504)
+
+    ModelLoadError, ArchitectureError: raised while building or loading a model; not HTTP
+    errors by themselves (the store reports them per model, the CLI prints them).
+
+Domain code raises these; app.py turns them into RFC 9457 problem+json in one place.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error that is reported to a client."""
+
+    status_code: int = 500
+    title: str = "Internal error"
+    slug: str = "internal-error"
+
+    def __init__(self, detail: str, *, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+class BadRequestError(ServiceError):
+    status_code = 400
+    title = "Bad request"
+    slug = "bad-request"
+
+
+class InvalidImageError(BadRequestError):
+    title = "Invalid image"
+    slug = "invalid-image"
+
+
+class ImageTooLargeError(BadRequestError):
+    title = "Image too large"
+    slug = "image-too-large"
+
+
+class DecompressionBombError(ImageTooLargeError):
+    title = "Decompression bomb"
+    slug = "decompression-bomb"
+
+
+class UnauthorizedError(ServiceError):
+    status_code = 401
+    title = "Unauthorized"
+    slug = "unauthorized"
+
+
+class NotFoundError(ServiceError):
+    status_code = 404
+    title = "Not found"
+    slug = "not-found"
+
+
+class ModelNotFoundError(NotFoundError):
+    title = "Model not found"
+    slug = "model-not-found"
+
+
+class VersionNotFoundError(NotFoundError):
+    title = "Model version not found"
+    slug = "version-not-found"
+
+
+class LayerNotFoundError(NotFoundError):
+    title = "Layer not found"
+    slug = "layer-not-found"
+
+
+class ConflictError(ServiceError):
+    status_code = 409
+    title = "Conflict"
+    slug = "conflict"
+
+
+class NotAcceptableError(ServiceError):
+    status_code = 406
+    title = "Not acceptable"
+    slug = "not-acceptable"
+
+
+class PayloadTooLargeError(ServiceError):
+    status_code = 413
+    title = "Payload too large"
+    slug = "payload-too-large"
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    status_code = 415
+    title = "Unsupported media type"
+    slug = "unsupported-media-type"
+
+
+class InvalidParameterError(ServiceError):
+    status_code = 422
+    title = "Invalid parameter"
+    slug = "invalid-parameter"
+
+
+class InferenceError(ServiceError):
+    status_code = 500
+    title = "Inference failed"
+    slug = "inference-failed"
+
+
+class UnavailableError(ServiceError):
+    status_code = 503
+    title = "Service unavailable"
+    slug = "unavailable"
+
+
+class QueueFullError(UnavailableError):
+    title = "Queue full"
+    slug = "queue-full"
+
+
+class ModelNotReadyError(UnavailableError):
+    title = "Model not ready"
+    slug = "model-not-ready"
+
+
+class ShuttingDownError(UnavailableError):
+    title = "Shutting down"
+    slug = "shutting-down"
+
+
+class DeadlineExceededError(ServiceError):
+    status_code = 504
+    title = "Deadline exceeded"
+    slug = "deadline-exceeded"
+
+
+class ArchitectureError(ValueError):
+    """An architecture name or its arguments are wrong; the message lists valid ones."""
+
+
+class ModelLoadError(Exception):
+    """A model version failed validation; `reason` says why in words a user can act on."""
+
+    def __init__(self, name: str, version: int | None, reason: str) -> None:
+        where = name if version is None else f"{name} v{version}"
+        super().__init__(f"model {where}: {reason}")
+        self.name = name
+        self.version = version
+        self.reason = reason

@@ -1,0 +1,48 @@
+"""`convserve explain`: one image's heatmap written as a PNG, without a server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from service.catalog import resolve_device
+from service.heatmaps import overlay_png
+from service.imaging import prepare_image
+from service.store import ModelStore
+
+MAX_PIXELS = 40_000_000
+
+
+def explain_file(
+    store_root: Path,
+    image: Path,
+    output: Path,
+    *,
+    model: str | None,
+    version: int | None,
+    method: str,
+    layer: str | None,
+    target: int | None,
+) -> str:
+    """Write the overlay PNG; return a one-line summary with the top class."""
+    store = ModelStore(store_root)
+    names = store.names()
+    if not names:
+        raise ValueError(f"no models in {store_root}")
+    name = model or names[0]
+    number = version or max(store.versions(name), default=0)
+    classifier = store.load(name, number, resolve_device("auto"))
+    prepared = prepare_image(
+        image.read_bytes(), classifier.spec.input, MAX_PIXELS, keep_display=True
+    )
+    assert prepared.display is not None
+    result = classifier.explain([prepared.array], method, layer, [target])
+    output.write_bytes(overlay_png(prepared.display, prepared.box, result.grids[0]))
+    best = int(torch.tensor(result.probabilities[0]).argmax())
+    label = classifier.labels[best]
+    return (
+        f"{name} v{number}: top class {label!r} (p={result.probabilities[0][best]:.4f}); "
+        f"{method} of class {classifier.labels[result.targets[0]]!r} at {result.point.layer} "
+        f"-> {output}"
+    )

@@ -1,0 +1,178 @@
+"""Where the network looked: Grad-CAM and activation maps read through hooks on the live module."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from types import TracebackType
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from service.anatomy import ACTIVATIONS, PASS_THROUGH, Call
+
+OVERLAY_ALPHA = 0.5
+# jet: dark blue -> blue -> cyan -> yellow -> red -> dark red
+_JET_POINTS = np.array(
+    [[0, 0, 128], [0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 0, 0], [128, 0, 0]], np.float32
+)
+
+
+def _colormap() -> np.ndarray:
+    positions = np.linspace(0.0, 1.0, len(_JET_POINTS))
+    ramp = np.linspace(0.0, 1.0, 256)
+    channels = [np.interp(ramp, positions, _JET_POINTS[:, c]) for c in range(3)]
+    return np.stack(channels, axis=1).astype(np.uint8)  # (256, 3)
+
+
+JET = _colormap()
+
+
+@dataclass(frozen=True)
+class ReadPoint:
+    """Which module call a heatmap layer is read from: a conv is read after its rectifier."""
+
+    layer: str  # the name users ask for: conv1, layer4, features.12
+    module_name: str  # the module whose output is read: relu1, layer4
+    call_index: int
+    shape: tuple[int, int, int]  # (C, h, w) of the maps
+    kind: str  # "conv" or "block"
+
+
+def heatmap_layers(calls: list[Call]) -> dict[str, ReadPoint]:
+    """Every layer a heatmap can be taken at, in execution order.
+
+    Conv layers are read after the activation that follows them (skipping batch norm), as
+    Grad-CAM defines its maps; blocks (resnet's layer4, mobilenet's features.12) are read as
+    they are. Only modules called once per forward pass with a 4-D output qualify.
+    """
+    names = [c.name for c in calls]
+    once = {n for n in names if names.count(n) == 1}
+    points: dict[str, ReadPoint] = {}
+    for position, call in enumerate(calls):
+        if len(call.output_shape) != 4 or call.name not in once or not call.name:
+            continue
+        c, h, w = call.output_shape[1:]
+        if isinstance(call.module, nn.Conv2d):
+            read = call
+            for later in calls[position + 1 :]:
+                if not later.leaf or isinstance(later.module, PASS_THROUGH):
+                    continue
+                if isinstance(later.module, ACTIVATIONS) and later.input_shape == call.output_shape:
+                    read = later
+                break
+            points[call.name] = ReadPoint(call.name, read.name, read.index, (c, h, w), "conv")
+        elif not call.leaf and call.name.count(".") <= 1:
+            points[call.name] = ReadPoint(call.name, call.name, 0, (c, h, w), "block")
+    order = {name: i for i, name in enumerate(names)}
+    return dict(sorted(points.items(), key=lambda item: order[item[1].module_name]))
+
+
+class ActivationRecorder:
+    """Owns one forward hook on one module call; removes it on exit, whatever happened.
+
+    With `track_grad`, the recorded output becomes the start of the autograd graph, so a
+    gradient can be taken with respect to it alone, with no graph kept for earlier layers.
+    """
+
+    def __init__(self, model: nn.Module, point: ReadPoint, *, track_grad: bool) -> None:
+        self.module = model.get_submodule(point.module_name)
+        self.point = point
+        self.track_grad = track_grad
+        self.activation: torch.Tensor | None = None
+        self._calls = 0
+        self._handle: RemovableHandle | None = None
+
+    def _hook(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> object:
+        index, self._calls = self._calls, self._calls + 1
+        if index != self.point.call_index or not isinstance(output, torch.Tensor):
+            return None
+        if not self.track_grad:
+            self.activation = output.detach().clone()
+            return None
+        leaf = output.detach().requires_grad_(True)
+        self.activation = leaf
+        return leaf.clone()  # later in-place ops (ReLU(inplace=True)) act on the copy
+
+    def __enter__(self) -> ActivationRecorder:
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def recorded(self) -> torch.Tensor:
+        if self.activation is None:
+            raise RuntimeError(f"layer {self.point.layer} did not run in the forward pass")
+        return self.activation
+
+
+def scale_unit(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max scale each (h, w) map of an (N, h, w) stack to 0..1; flat maps become zeros."""
+    flat = maps.flatten(1)
+    low = flat.min(dim=1).values[:, None, None]
+    span = flat.max(dim=1).values[:, None, None] - low
+    return torch.where(span > 0, (maps - low) / span.clamp_min(1e-12), torch.zeros_like(maps))
+
+
+def grad_cam(
+    model: nn.Module, batch: torch.Tensor, point: ReadPoint, targets: list[int | None]
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """One forward and one gradient for the whole batch -> (logits, maps 0..1, target classes).
+
+    The gradient of the target scores is taken with respect to the layer's activations only
+    (autograd.grad), never through the weights.
+    """
+    with ActivationRecorder(model, point, track_grad=True) as recorder, torch.enable_grad():
+        logits = model(batch)  # (N, classes)
+        activations = recorder.recorded()  # (N, K, h, w)
+        best = logits.detach().argmax(dim=1).tolist()
+        chosen = [best[i] if t is None else t for i, t in enumerate(targets)]
+        index = torch.tensor(chosen, device=logits.device)[:, None]
+        score = logits.gather(1, index).sum()
+        (gradients,) = torch.autograd.grad(score, activations)
+    weights = gradients.mean(dim=(2, 3), keepdim=True)  # (N, K, 1, 1)
+    cams = torch.relu((weights * activations.detach()).sum(dim=1))  # (N, h, w)
+    return logits.detach(), scale_unit(cams), chosen
+
+
+def activation_map(
+    model: nn.Module, batch: torch.Tensor, point: ReadPoint
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean activation over the layer's feature maps -> (logits, maps 0..1); no gradient."""
+    with ActivationRecorder(model, point, track_grad=False) as recorder, torch.inference_mode():
+        logits = model(batch)
+        maps = recorder.recorded().mean(dim=1)  # (N, h, w)
+    return logits, scale_unit(maps)
+
+
+def overlay_png(
+    display: Image.Image, box: tuple[float, float, float, float], grid: np.ndarray
+) -> bytes:
+    """Blend the 0..1 grid, coloured with jet, over the part of `display` the network saw."""
+    left, top, right, bottom = (round(v) for v in box)
+    width, height = max(right - left, 1), max(bottom - top, 1)
+    heat = Image.fromarray(grid.astype(np.float32)).resize(
+        (width, height), Image.Resampling.BICUBIC
+    )
+    levels = np.clip(np.asarray(heat) * 255.0, 0, 255).astype(np.uint8)
+    colour = Image.fromarray(JET[levels])
+    picture = display.convert("RGB")
+    region = picture.crop((left, top, left + width, top + height))
+    picture.paste(Image.blend(region, colour, OVERLAY_ALPHA), (left, top))
+    out = io.BytesIO()
+    picture.save(out, format="PNG", compress_level=1)
+    return out.getvalue()

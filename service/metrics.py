@@ -1,0 +1,128 @@
+"""Every Prometheus metric the service exports, in one place (prefix convserve_).
+
+Labels stay low-cardinality: model and version come from the loaded catalog (never from a raw
+request value), status is the HTTP code, reason a fixed word.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    openmetrics,
+)
+
+# Milliseconds-scale work: 0.5 ms .. 30 s.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+PROBABILITY_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+UNKNOWN = "-"  # label value for requests that never reached a model
+
+REQUESTS = Counter(
+    "convserve_requests", "Prediction requests by outcome", ["model", "version", "status"]
+)
+IMAGES = Counter("convserve_images", "Images classified", ["model", "version"])
+REJECTED = Counter("convserve_rejected", "Requests refused before inference", ["model", "reason"])
+REQUEST_DURATION = Histogram(
+    "convserve_request_duration_seconds",
+    "Time from request arrival to response, prediction routes",
+    ["model", "status"],
+    buckets=LATENCY_BUCKETS,
+)
+QUEUE_WAIT = Histogram(
+    "convserve_queue_wait_seconds",
+    "Time an image waited in the batch queue",
+    ["model", "version"],
+    buckets=LATENCY_BUCKETS,
+)
+PREPROCESS = Histogram(
+    "convserve_preprocess_seconds",
+    "Decode and preprocess time per image",
+    ["model", "version"],
+    buckets=LATENCY_BUCKETS,
+)
+INFERENCE = Histogram(
+    "convserve_inference_seconds",
+    "Forward-pass time per batch (kind: predict, gradcam, activation)",
+    ["model", "version", "kind"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "convserve_batch_size", "Images per forward pass", ["model", "version"], buckets=BATCH_BUCKETS
+)
+TOP_PROBABILITY = Histogram(
+    "convserve_top_probability",
+    "Probability of the top class: its drift shows changing inputs",
+    ["model", "version"],
+    buckets=PROBABILITY_BUCKETS,
+)
+QUEUE_DEPTH = Gauge(
+    "convserve_queue_depth",
+    "Images waiting for a forward pass",
+    ["model", "version"],
+    multiprocess_mode="livesum",
+)
+QUEUE_CAPACITY = Gauge(
+    "convserve_queue_capacity",
+    "Most images the queue admits (CONVSERVE_MAX_QUEUE)",
+    ["model", "version"],
+    multiprocess_mode="livemax",
+)
+INFLIGHT = Gauge(
+    "convserve_inflight_requests",
+    "Prediction requests being handled",
+    multiprocess_mode="livesum",
+)
+MODEL_INFO = Gauge(
+    "convserve_model_info",
+    "Loaded model versions (1 = ready, 0 = loaded but not serving)",
+    ["model", "version", "architecture", "device"],
+    multiprocess_mode="livemax",
+)
+MODEL_LOAD = Gauge(
+    "convserve_model_load_seconds",
+    "Time to verify, load and warm up a model version",
+    ["model", "version"],
+    multiprocess_mode="livemax",
+)
+MODEL_LOAD_FAILURES = Counter(
+    "convserve_model_load_failures", "Model versions refused at load", ["model"]
+)
+READY = Gauge(
+    "convserve_ready",
+    "1 when every configured model has a ready version",
+    multiprocess_mode="livemin",
+)
+DEVICE_MEMORY = Gauge(
+    "convserve_device_memory_bytes",
+    "Memory allocated by torch on the CUDA device",
+    ["device"],
+    multiprocess_mode="livesum",
+)
+
+
+def render(accept: str) -> tuple[bytes, str]:
+    """The exposition in Prometheus text format, or OpenMetrics when the scraper asks for it."""
+    registry: CollectorRegistry | None = None
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    if "application/openmetrics-text" in accept:
+        from prometheus_client import REGISTRY
+
+        # the OpenMetrics exposition function has no annotations upstream
+        text = openmetrics.exposition.generate_latest(registry or REGISTRY)  # type: ignore[no-untyped-call]
+        return text, (openmetrics.exposition.CONTENT_TYPE_LATEST)
+    if registry is not None:
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -1,0 +1,91 @@
+"""Running the app under uvicorn, with a drain on SIGTERM: not ready, finish admitted, exit 0."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+import time
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from uvicorn.supervisors import Multiprocess
+
+from service.api.access import configure_logging
+from service.app import create_app
+from service.config import Settings
+from service.runtime import Runtime
+
+log = logging.getLogger("convserve")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT drains before the usual graceful exit.
+
+    On the signal the service reports not ready and refuses new predictions with 503 while every
+    admitted request finishes; then uvicorn closes its sockets and the process exits 0. A
+    second signal exits at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+        self.drain_deadline: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain_deadline is None and self.started:
+            self.drain_deadline = time.monotonic() + self.runtime.settings.drain_s
+            self.runtime.begin_drain()
+            return
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_deadline is not None and not self.should_exit:
+            done = self.runtime.inflight == 0
+            if done or time.monotonic() >= self.drain_deadline:
+                log.info("drained (%s); stopping", "all answered" if done else "deadline passed")
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def app_from_env() -> object:
+    """Factory for multi-worker mode: each worker rebuilds the settings from the environment."""
+    settings = Settings.from_env()
+    configure_logging(settings.log_format, settings.log_level)
+    return create_app(settings)
+
+
+def _config(settings: Settings, app: Any, **extra: Any) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.drain_s) + 1,
+        backlog=4096,
+        timeout_keep_alive=30,
+        **extra,
+    )
+
+
+def serve(settings: Settings) -> int:
+    configure_logging(settings.log_format, settings.log_level)
+    if settings.workers > 1:
+        # prometheus-client aggregates the workers' metrics through files in this directory
+        os.environ.setdefault(
+            "PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="convserve-metrics-")
+        )
+        config = _config(
+            settings, "service.server:app_from_env", factory=True, workers=settings.workers
+        )
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return 0
+    app = create_app(settings)
+    server = DrainingServer(_config(settings, app), app.state.runtime)
+    server.run()
+    return 0

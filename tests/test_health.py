@@ -1,0 +1,60 @@
+"""Health and model listing over real HTTP, in-process and as a real `convserve serve` process."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from litestar.testing import AsyncTestClient
+
+from tests.support import running_server
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_live_and_ready(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    live = await client.get("/health/live")
+    assert live.status_code == 200
+    assert live.json() == {"status": "live", "models": {}}
+    ready = await client.get("/health/ready")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "models": {"digits": True, "lenet5": True}}
+
+
+async def test_models_lists_both_bundled_models(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    response = await client.get("/models")
+    assert response.status_code == 200
+    models = {m["name"]: m for m in response.json()["models"]}
+    assert set(models) == {"digits", "lenet5"}
+    for model in models.values():
+        assert model["ready"] is True
+        assert model["serving_version"] == 1
+        (version,) = model["versions"]
+        assert version["status"] == "ready"
+        assert version["device"] == "cpu"
+    assert models["digits"]["versions"][0]["accuracy"] >= 0.97
+    assert models["lenet5"]["versions"][0]["accuracy"] >= 0.96
+
+
+async def test_unknown_route_is_a_problem(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    response = await client.get("/nope")
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == 404
+    assert "no route GET /nope" in body["detail"]
+
+
+def test_real_server_is_ready_within_ten_seconds(tmp_path: Path) -> None:
+    started = time.monotonic()
+    with running_server(tmp_path) as server:
+        elapsed = time.monotonic() - started
+        assert elapsed < 10, f"ready after {elapsed:.1f}s"
+        response = httpx.get(f"{server.url}/health/ready")
+        assert response.status_code == 200
+        assert response.json()["status"] == "ready"
+        assert response.headers["x-request-id"]
+        models = httpx.get(f"{server.url}/models").json()["models"]
+        assert [m["name"] for m in models] == ["digits", "lenet5"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
-from litestar.testing import AsyncTestClient
 
 from service.app import create_app
 from service.config import Settings
@@ -18,19 +18,23 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def ready_client(settings: Settings) -> AsyncIterator[AsyncTestClient]:  # type: ignore[type-arg]
-    """An httpx client speaking to create_app(settings), returned once every model is ready."""
-    async with AsyncTestClient(app=create_app(settings)) as client:
-        for _ in range(600):
-            if (await client.get("/health/ready")).status_code == 200:
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise TimeoutError("app not ready")
-        yield client
+async def ready_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """httpx speaking HTTP to create_app(settings) in this event loop (so requests really run
+    concurrently), yielded once every model is ready; the app's lifespan runs around it."""
+    app = create_app(settings)
+    async with app.lifespan():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://convserve.test") as client:
+            for _ in range(600):
+                if (await client.get("/health/ready")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise TimeoutError("app not ready")
+            yield client
 
 
 @pytest.fixture(scope="session")
-async def client(anyio_backend: str) -> AsyncIterator[AsyncTestClient]:  # type: ignore[type-arg]
+async def client(anyio_backend: str) -> AsyncIterator[httpx.AsyncClient]:
     async for c in ready_client(Settings.from_env({"CONVSERVE_STORE": str(BUNDLED_STORE)})):
         yield c

@@ -108,3 +108,53 @@ def running_server(tmp_path: Path, env: dict[str, str] | None = None) -> Iterato
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` whose labels include `labels` (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def digit_picture(digit: Digit, size: int = 112) -> Image.Image:
+    """A held-out digit enlarged to an RGB picture, dark on light like ink on paper."""
+    inverted = Image.fromarray(255 - np.asarray(digit.image))
+    return inverted.resize((size, size), Image.Resampling.BILINEAR).convert("RGB")
+
+
+def encodings(picture: Image.Image) -> dict[str, tuple[str, bytes]]:
+    """The same picture in every format and mode the service promises to read."""
+    grey = picture.convert("L")
+    sixteen = Image.fromarray((np.asarray(grey).astype(np.uint16) * 257))
+    assert sixteen.mode == "I;16"
+    ink = 255 - np.asarray(grey)  # alpha: strokes opaque black, paper transparent
+    rgba = Image.fromarray(np.dstack([np.zeros_like(ink)] * 3 + [ink]).astype(np.uint8))
+    other = Image.new("RGB", picture.size, "white")
+    frames = [picture.convert("P"), other.convert("P")]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    rotated = picture.transpose(Image.Transpose.ROTATE_90)  # stored sideways...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ...with Orientation 6: "rotate 90 degrees clockwise to display"
+    return {
+        "jpeg": ("image/jpeg", png_bytes(picture, "JPEG", quality=95)),
+        "jpeg-progressive": ("image/jpeg", png_bytes(picture, "JPEG", quality=95, progressive=True)),
+        "jpeg-cmyk": ("image/jpeg", png_bytes(picture.convert("CMYK"), "JPEG", quality=95)),
+        "jpeg-exif-rotated": ("image/jpeg", png_bytes(rotated, "JPEG", quality=95, exif=exif)),
+        "png": ("image/png", png_bytes(picture)),
+        "png-grey": ("image/png", png_bytes(grey)),
+        "png-16bit": ("image/png", png_bytes(sixteen)),
+        "png-alpha": ("image/png", png_bytes(rgba)),
+        "png-palette": ("image/png", png_bytes(picture.convert("P"))),
+        "gif-animated": ("image/gif", gif.getvalue()),
+        "webp": ("image/webp", png_bytes(picture, "WEBP", lossless=True)),
+        "bmp": ("image/bmp", png_bytes(picture, "BMP")),
+        "tiff": ("image/tiff", png_bytes(picture, "TIFF")),
+        "octet-stream": ("application/octet-stream", png_bytes(picture)),
+    }

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from litestar.testing import AsyncTestClient
 
 from tests.support import running_server
 

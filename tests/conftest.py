@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -23,8 +24,10 @@ async def ready_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     concurrently), yielded once every model is ready; the app's lifespan runs around it."""
     app = create_app(settings)
     async with app.lifespan():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://convserve.test") as client:
+        transport = httpx.ASGITransport(app=cast("Any", app))  # httpx types a narrower ASGI
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://convserve.test"
+        ) as client:
             for _ in range(600):
                 if (await client.get("/health/ready")).status_code == 200:
                     break

@@ -1,6 +1,6 @@
 """Writes the example pictures used in the README: held-out MNIST digits as ink on paper.
 
-    .venv/bin/python -m tests.make_examples
+.venv/bin/python -m tests.make_examples
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ def digit_picture(digit: Digit, size: int = 112) -> Image.Image:
 def encodings(picture: Image.Image) -> dict[str, tuple[str, bytes]]:
     """The same picture in every format and mode the service promises to read."""
     grey = picture.convert("L")
-    sixteen = Image.fromarray((np.asarray(grey).astype(np.uint16) * 257))
+    sixteen = Image.fromarray(np.asarray(grey).astype(np.uint16) * 257)
     assert sixteen.mode == "I;16"
     ink = 255 - np.asarray(grey)  # alpha: strokes opaque black, paper transparent
     rgba = Image.fromarray(np.dstack([np.zeros_like(ink)] * 3 + [ink]).astype(np.uint8))
@@ -144,7 +144,10 @@ def encodings(picture: Image.Image) -> dict[str, tuple[str, bytes]]:
     exif[0x0112] = 6  # ...with Orientation 6: "rotate 90 degrees clockwise to display"
     return {
         "jpeg": ("image/jpeg", png_bytes(picture, "JPEG", quality=95)),
-        "jpeg-progressive": ("image/jpeg", png_bytes(picture, "JPEG", quality=95, progressive=True)),
+        "jpeg-progressive": (
+            "image/jpeg",
+            png_bytes(picture, "JPEG", quality=95, progressive=True),
+        ),
         "jpeg-cmyk": ("image/jpeg", png_bytes(picture.convert("CMYK"), "JPEG", quality=95)),
         "jpeg-exif-rotated": ("image/jpeg", png_bytes(rotated, "JPEG", quality=95, exif=exif)),
         "png": ("image/png", png_bytes(picture)),

@@ -13,7 +13,7 @@ from tests.support import running_server
 pytestmark = pytest.mark.anyio
 
 
-async def test_live_and_ready(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+async def test_live_and_ready(client: httpx.AsyncClient) -> None:
     live = await client.get("/health/live")
     assert live.status_code == 200
     assert live.json() == {"status": "live", "models": {}}
@@ -22,7 +22,7 @@ async def test_live_and_ready(client: AsyncTestClient) -> None:  # type: ignore[
     assert ready.json() == {"status": "ready", "models": {"digits": True, "lenet5": True}}
 
 
-async def test_models_lists_both_bundled_models(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+async def test_models_lists_both_bundled_models(client: httpx.AsyncClient) -> None:
     response = await client.get("/models")
     assert response.status_code == 200
     models = {m["name"]: m for m in response.json()["models"]}
@@ -37,7 +37,7 @@ async def test_models_lists_both_bundled_models(client: AsyncTestClient) -> None
     assert models["lenet5"]["versions"][0]["accuracy"] >= 0.96
 
 
-async def test_unknown_route_is_a_problem(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+async def test_unknown_route_is_a_problem(client: httpx.AsyncClient) -> None:
     response = await client.get("/nope")
     assert response.status_code == 404
     assert response.headers["content-type"] == "application/problem+json"

@@ -7,9 +7,9 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
-import httpx
 from PIL import Image
 
 from service.config import Settings
@@ -143,26 +143,43 @@ async def test_concurrent_requests_get_their_own_answers_in_batches(client: Clie
         before, "convserve_batch_size_bucket", le="1.0", **labels
     )
     assert images == 64
-    assert batches < 64 and singles < batches, "no batch larger than one image was formed"
+    assert batches < 64, "no batch larger than one image was formed"
+    assert singles < batches
 
 
 async def test_unknown_model_and_version(client: Client) -> None:
     body = png_bytes(held_out_digits(1)[0].image)
-    assert_problem(await client.post("/predict?model=nope", content=body, headers=PNG), 404,
-                   "no model named 'nope'", "digits, lenet5")
+    assert_problem(
+        await client.post("/predict?model=nope", content=body, headers=PNG),
+        404,
+        "no model named 'nope'",
+        "digits, lenet5",
+    )
     assert_problem(await client.post("/models/nope/predict", content=body, headers=PNG), 404)
-    assert_problem(await client.post("/predict?version=7", content=body, headers=PNG), 404,
-                   "has no version 7")
-    assert_problem(await client.post("/predict?version=stable", content=body, headers=PNG), 404,
-                   "no version or alias 'stable'")
-    assert_problem(await client.post("/models/..%2F..%2Fetc/predict", content=body, headers=PNG), 404)
+    assert_problem(
+        await client.post("/predict?version=7", content=body, headers=PNG), 404, "has no version 7"
+    )
+    assert_problem(
+        await client.post("/predict?version=stable", content=body, headers=PNG),
+        404,
+        "no version or alias 'stable'",
+    )
+    assert_problem(
+        await client.post("/models/..%2F..%2Fetc/predict", content=body, headers=PNG), 404
+    )
     await still_serves(client)
 
 
 @pytest.mark.parametrize(
     "query",
-    ["top_k=0", "top_k=abc", "heatmap=sobel", "target=-1", "target=10&heatmap=gradcam",
-     "layer=conv1"],
+    [
+        "top_k=0",
+        "top_k=abc",
+        "heatmap=sobel",
+        "target=-1",
+        "target=10&heatmap=gradcam",
+        "layer=conv1",
+    ],
 )
 async def test_bad_query_values_are_422(client: Client, query: str) -> None:
     body = png_bytes(held_out_digits(1)[0].image)
@@ -185,8 +202,9 @@ async def test_undecodable_bodies_are_400(client: Client) -> None:
 async def test_decompression_bomb_is_400(client: Client) -> None:
     bomb = png_bytes(Image.new("L", (20_000, 20_000)))  # 400 megapixels in a few hundred KB
     assert len(bomb) < 1_000_000
-    assert_problem(await client.post("/predict", content=bomb, headers=PNG), 400,
-                   "decompression bomb")
+    assert_problem(
+        await client.post("/predict", content=bomb, headers=PNG), 400, "decompression bomb"
+    )
     await still_serves(client)
 
 
@@ -219,15 +237,19 @@ async def app_with(tmp_path: Path, name: str, **env: str) -> AsyncIterator[Clien
 async def test_too_many_pixels_is_400(tmp_path: Path) -> None:
     async for client in app_with(tmp_path, "pixels", CONVSERVE_MAX_PIXELS="1000"):
         big = png_bytes(digit_picture(held_out_digits(1)[0], size=40))
-        assert_problem(await client.post("/predict", content=big, headers=PNG), 400,
-                       "40x40 = 1,600 pixels; the limit is 1,000")
+        assert_problem(
+            await client.post("/predict", content=big, headers=PNG),
+            400,
+            "40x40 = 1,600 pixels; the limit is 1,000",
+        )
         small = png_bytes(held_out_digits(1)[0].image)
         assert (await client.post("/predict", content=small, headers=PNG)).status_code == 200
 
 
 async def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
-    async for client in app_with(tmp_path, "bytes", CONVSERVE_MAX_BODY_BYTES="2000",
-                                 CONVSERVE_MAX_IMAGES="3"):
+    async for client in app_with(
+        tmp_path, "bytes", CONVSERVE_MAX_BODY_BYTES="2000", CONVSERVE_MAX_IMAGES="3"
+    ):
         big = png_bytes(digit_picture(held_out_digits(1)[0], size=200), "BMP")
         assert_problem(await client.post("/predict", content=big, headers=PNG), 413, "2,000 bytes")
         files = [("file", (f"{i}.png", b"x", "image/png")) for i in range(5)]
@@ -238,8 +260,10 @@ async def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
 
 async def test_queue_full_is_503_with_retry_after(tmp_path: Path) -> None:
     async for client in app_with(tmp_path, "tinyqueue", CONVSERVE_MAX_QUEUE="2"):
-        files = [("file", (f"{i}.png", png_bytes(d.image), "image/png"))
-                 for i, d in enumerate(held_out_digits(3))]
+        files = [
+            ("file", (f"{i}.png", png_bytes(d.image), "image/png"))
+            for i, d in enumerate(held_out_digits(3))
+        ]
         response = await client.post("/predict", files=files)
         assert_problem(response, 503, "holds 0 of 2 images")
         assert int(response.headers["retry-after"]) >= 1
@@ -260,8 +284,9 @@ async def test_deadline_passed_is_504_and_not_run(tmp_path: Path) -> None:
 
 async def test_probabilities_are_numbers_in_range(client: Client) -> None:
     data = np.random.default_rng(3).integers(0, 255, (50, 70, 3), dtype=np.uint8)
-    response = await client.post("/predict?top_k=10", content=png_bytes(Image.fromarray(data)),
-                                 headers=PNG)
+    response = await client.post(
+        "/predict?top_k=10", content=png_bytes(Image.fromarray(data)), headers=PNG
+    )
     values = [p["probability"] for p in response.json()["results"][0]["predictions"]]
     assert all(0.0 <= v <= 1.0 for v in values)
     assert abs(sum(values) - 1.0) < 1e-5

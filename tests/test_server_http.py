@@ -43,8 +43,11 @@ def test_declared_oversize_body_is_refused_before_it_is_sent(tmp_path: Path) -> 
         assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
         assert b"application/problem+json" in answer
         assert time.monotonic() - started < 3
-        ok = httpx.post(f"{server.url}/predict", content=png_bytes(held_out_digits(1)[0].image),
-                        headers={"content-type": "image/png"})
+        ok = httpx.post(
+            f"{server.url}/predict",
+            content=png_bytes(held_out_digits(1)[0].image),
+            headers={"content-type": "image/png"},
+        )
         assert ok.status_code == 200
 
 
@@ -55,7 +58,10 @@ def test_chunked_oversize_body_is_cut_off(tmp_path: Path) -> None:
             for _ in range(50):
                 yield b"\0" * 10_000
 
-        response = httpx.post(f"{server.url}/predict", content=chunks(),  # type: ignore[arg-type]
-                              headers={"content-type": "image/png"})
+        response = httpx.post(
+            f"{server.url}/predict",
+            content=chunks(),  # type: ignore[arg-type]
+            headers={"content-type": "image/png"},
+        )
         assert response.status_code == 413
         assert response.headers["content-type"] == "application/problem+json"

@@ -10,9 +10,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from service.config import Settings
+from service.registry import ARCHITECTURES, Architecture, SmallCNN, register_architecture
 from tests.conftest import ready_client
 from tests.support import (
     BUNDLED_STORE,
@@ -290,3 +292,35 @@ async def test_probabilities_are_numbers_in_range(client: Client) -> None:
     values = [p["probability"] for p in response.json()["results"][0]["predictions"]]
     assert all(0.0 <= v <= 1.0 for v in values)
     assert abs(sum(values) - 1.0) < 1e-5
+
+
+class FragileCNN(SmallCNN):
+    """Fails on bright images, so one bad image can be put in a batch of good ones."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x.flatten(1).mean(dim=1) > 2.0).any()):
+            raise RuntimeError("this network cannot take such a bright image")
+        return super().forward(x)
+
+
+async def test_a_failing_image_fails_alone(tmp_path: Path) -> None:
+    if "test_fragile_cnn" not in ARCHITECTURES:
+        register_architecture(Architecture("test_fragile_cnn", FragileCNN, "conv2", "fragile"))
+    store = await copied_store(tmp_path, "fragile")
+    spec = store / "fragile" / "1" / "model.json"
+    spec.write_text(spec.read_text().replace('"small_cnn"', '"test_fragile_cnn"'))
+    bright = Image.new("L", (28, 28), 0)
+    bright.paste(255, (1, 1, 27, 27))
+    digits = held_out_digits(31)
+    async for client in ready_client(Settings.from_env({"CONVSERVE_STORE": str(store)})):
+        bodies = [png_bytes(d.image) for d in digits[:15]] + [png_bytes(bright)]
+        bodies += [png_bytes(d.image) for d in digits[15:]]
+        responses = await asyncio.gather(
+            *(client.post("/predict", content=body, headers=PNG) for body in bodies)
+        )
+        assert_problem(responses[15], 500, "cannot take such a bright image")
+        good = responses[:15] + responses[16:]
+        for response, digit in zip(good, digits, strict=True):
+            alone = await client.post("/predict", content=png_bytes(digit.image), headers=PNG)
+            assert response.status_code == 200
+            assert response.json()["results"] == alone.json()["results"]

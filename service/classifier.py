@@ -99,7 +99,7 @@ class Classifier:
             logits, maps = activation_map(self.module, batch, point)
             chosen = logits.argmax(dim=1).tolist()
         probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
-        return Explanation(probabilities, maps.float().cpu().numpy(), chosen, point)
+        return Explanation(probabilities, maps, chosen, point)
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         """Run every batch size once so the first real request pays no first-call cost."""

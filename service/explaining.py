@@ -41,8 +41,8 @@ def explain_file(
     output.write_bytes(overlay_png(prepared.display, prepared.box, result.grids[0]))
     best = int(torch.tensor(result.probabilities[0]).argmax())
     label = classifier.labels[best]
+    what = f"class {classifier.labels[result.targets[0]]!r}" if method == "gradcam" else "mean"
     return (
         f"{name} v{number}: top class {label!r} (p={result.probabilities[0][best]:.4f}); "
-        f"{method} of class {classifier.labels[result.targets[0]]!r} at {result.point.layer} "
-        f"-> {output}"
+        f"{method} ({what}) at {result.point.layer} -> {output}"
     )

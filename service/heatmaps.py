@@ -120,17 +120,18 @@ class ActivationRecorder:
         return self.activation
 
 
-def scale_unit(maps: torch.Tensor) -> torch.Tensor:
+def scale_unit(maps: np.ndarray) -> np.ndarray:
     """Min-max scale each (h, w) map of an (N, h, w) stack to 0..1; flat maps become zeros."""
-    flat = maps.flatten(1)
-    low = flat.min(dim=1).values[:, None, None]
-    span = flat.max(dim=1).values[:, None, None] - low
-    return torch.where(span > 0, (maps - low) / span.clamp_min(1e-12), torch.zeros_like(maps))
+    flat = maps.reshape(len(maps), -1)
+    low = flat.min(axis=1)[:, None, None]
+    span = flat.max(axis=1)[:, None, None] - low
+    scaled = np.divide(maps - low, span, out=np.zeros_like(maps), where=span > 0)
+    return scaled.astype(np.float32, copy=False)
 
 
 def grad_cam(
     model: nn.Module, batch: torch.Tensor, point: ReadPoint, targets: list[int | None]
-) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+) -> tuple[torch.Tensor, np.ndarray, list[int]]:
     """One forward and one gradient for the whole batch -> (logits, maps 0..1, target classes).
 
     The gradient of the target scores is taken with respect to the layer's activations only
@@ -139,24 +140,24 @@ def grad_cam(
     with ActivationRecorder(model, point, track_grad=True) as recorder, torch.enable_grad():
         logits = model(batch)  # (N, classes)
         activations = recorder.recorded()  # (N, K, h, w)
-        best = logits.detach().argmax(dim=1).tolist()
-        chosen = [best[i] if t is None else t for i, t in enumerate(targets)]
-        index = torch.tensor(chosen, device=logits.device)[:, None]
-        score = logits.gather(1, index).sum()
-        (gradients,) = torch.autograd.grad(score, activations)
+        index = logits.detach().argmax(dim=1, keepdim=True)  # (N, 1)
+        if any(t is not None for t in targets):
+            chosen = [int(b) if t is None else t for t, b in zip(targets, index[:, 0], strict=True)]
+            index = torch.tensor(chosen, device=logits.device)[:, None]
+        (gradients,) = torch.autograd.grad(logits.gather(1, index).sum(), activations)
     weights = gradients.mean(dim=(2, 3), keepdim=True)  # (N, K, 1, 1)
-    cams = torch.relu((weights * activations.detach()).sum(dim=1))  # (N, h, w)
-    return logits.detach(), scale_unit(cams), chosen
+    cams = (weights * activations.detach()).sum(dim=1).clamp_min_(0)  # (N, h, w)
+    return logits.detach(), scale_unit(cams.float().cpu().numpy()), index[:, 0].tolist()
 
 
 def activation_map(
     model: nn.Module, batch: torch.Tensor, point: ReadPoint
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, np.ndarray]:
     """Mean activation over the layer's feature maps -> (logits, maps 0..1); no gradient."""
     with ActivationRecorder(model, point, track_grad=False) as recorder, torch.inference_mode():
         logits = model(batch)
         maps = recorder.recorded().mean(dim=1)  # (N, h, w)
-    return logits, scale_unit(maps)
+    return logits, scale_unit(maps.float().cpu().numpy())
 
 
 def overlay_png(

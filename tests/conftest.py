@@ -8,6 +8,7 @@ from typing import Any, cast
 
 import httpx
 import pytest
+from litestar import Litestar
 
 from service.app import create_app
 from service.config import Settings
@@ -22,7 +23,11 @@ def anyio_backend() -> str:
 async def ready_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """httpx speaking HTTP to create_app(settings) in this event loop (so requests really run
     concurrently), yielded once every model is ready; the app's lifespan runs around it."""
-    app = create_app(settings)
+    async for client in app_client(create_app(settings)):
+        yield client
+
+
+async def app_client(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
     async with app.lifespan():
         transport = httpx.ASGITransport(app=cast("Any", app))  # httpx types a narrower ASGI
         async with httpx.AsyncClient(

@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): scripts that print numbers and write results files."""

@@ -83,6 +83,9 @@ class Batcher:
         self._worker: asyncio.Task[None] | None = None
         self._labels = (classifier.name, str(classifier.version))
         metrics.QUEUE_CAPACITY.labels(*self._labels).set(max_queue)
+        metrics.QUEUE_DEPTH.labels(*self._labels).set(0)
+        for reason in metrics.REJECT_REASONS:  # series exist from the start, at zero
+            metrics.REJECTED.labels(self._labels[0], reason)
 
     @property
     def depth(self) -> int:
@@ -114,7 +117,7 @@ class Batcher:
         if self._closed:
             raise ShuttingDownError("the model is being unloaded; retry", retry_after=1)
         if len(self._queue) + len(arrays) > self.max_queue:
-            metrics.REJECTED.labels(self._labels[0], "queue_full").inc()
+            metrics.REJECTED.labels(self._labels[0], metrics.QUEUE_FULL).inc()
             raise QueueFullError(
                 f"the queue for {self._labels[0]} v{self._labels[1]} holds {len(self._queue)} of "
                 f"{self.max_queue} images; retry shortly",
@@ -152,7 +155,7 @@ class Batcher:
             if job.future.done():
                 continue  # the caller gave up (deadline or disconnect)
             if job.deadline <= now:
-                metrics.REJECTED.labels(self._labels[0], "deadline").inc()
+                metrics.REJECTED.labels(self._labels[0], metrics.DEADLINE).inc()
                 job.future.set_exception(
                     DeadlineExceededError("the request waited in the queue past its deadline")
                 )

@@ -106,6 +106,7 @@ class Catalog:
         names = list(self.settings.models) or self.store.names()
         self.configured = names
         for name in names:
+            metrics.MODEL_LOAD_FAILURES.labels(name)  # the series exists from the start, at zero
             entry = self.models.setdefault(name, ModelEntry(name))
             versions = self.store.versions(name) if name in self.store.names() else []
             if not versions:

@@ -125,7 +125,7 @@ def scale_unit(maps: np.ndarray) -> np.ndarray:
     flat = maps.reshape(len(maps), -1)
     low = flat.min(axis=1)[:, None, None]
     span = flat.max(axis=1)[:, None, None] - low
-    scaled = np.divide(maps - low, span, out=np.zeros_like(maps), where=span > 0)
+    scaled: np.ndarray = np.divide(maps - low, span, out=np.zeros_like(maps), where=span > 0)
     return scaled.astype(np.float32, copy=False)
 
 

@@ -8,16 +8,8 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-    multiprocess,
-    openmetrics,
-)
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client.exposition import choose_encoder
 
 # Milliseconds-scale work: 0.5 ms .. 30 s.
 LATENCY_BUCKETS = (
@@ -27,6 +19,8 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 PROBABILITY_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 UNKNOWN = "-"  # label value for requests that never reached a model
+QUEUE_FULL, DEADLINE = "queue_full", "deadline"
+REJECT_REASONS = (QUEUE_FULL, DEADLINE)
 
 REQUESTS = Counter(
     "convserve_requests", "Prediction requests by outcome", ["model", "version", "status"]
@@ -112,17 +106,11 @@ DEVICE_MEMORY = Gauge(
 
 
 def render(accept: str) -> tuple[bytes, str]:
-    """The exposition in Prometheus text format, or OpenMetrics when the scraper asks for it."""
-    registry: CollectorRegistry | None = None
+    """The exposition format the scraper asks for (prometheus-client negotiates it), from this
+    process or, with several workers, from all of them."""
+    encoder, content_type = choose_encoder(accept)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    if "application/openmetrics-text" in accept:
-        from prometheus_client import REGISTRY
-
-        # the OpenMetrics exposition function has no annotations upstream
-        text = openmetrics.exposition.generate_latest(registry or REGISTRY)  # type: ignore[no-untyped-call]
-        return text, (openmetrics.exposition.CONTENT_TYPE_LATEST)
-    if registry is not None:
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(), CONTENT_TYPE_LATEST
+        return encoder(registry), content_type
+    return encoder(REGISTRY), content_type

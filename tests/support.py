@@ -23,6 +23,7 @@ from service.training import load_mnist_sample, split
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_STORE = ROOT / "model_store"
 DATA = Path(__file__).resolve().parent / "data"
+ARTIFACTS = ROOT / "artifacts"  # screenshots and plots tests leave for people to look at
 
 
 def png_bytes(image: Image.Image, format: str = "PNG", **options: object) -> bytes:

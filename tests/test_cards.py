@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,10 +20,10 @@ from tests.conftest import ready_client
 pytestmark = pytest.mark.anyio
 
 
-def check_rows(card: dict[str, object]) -> list[dict[str, object]]:
+def check_rows(card: dict[str, Any]) -> list[dict[str, Any]]:
     anatomy = card["anatomy"]
     assert isinstance(anatomy, dict)
-    rows: list[dict[str, object]] = anatomy["layers"]
+    rows: list[dict[str, Any]] = anatomy["layers"]
     for row in rows:
         if row["formula_shape"] is not None:  # floor((W - K + 2P)/S) + 1 agrees with the network
             assert row["formula_shape"] == row["output_shape"], row
@@ -35,7 +36,8 @@ async def test_card_of_the_bundled_digits_model(client: httpx.AsyncClient) -> No
     card = response.json()
     assert (card["name"], card["version"], card["architecture"]) == ("digits", 1, "small_cnn")
     assert card["labels"] == [str(i) for i in range(10)]
-    assert card["input"]["channels"] == 1 and card["input"]["height"] == 28
+    assert card["input"]["channels"] == 1
+    assert card["input"]["height"] == 28
     assert card["metrics"]["accuracy"] >= 0.97
     assert card["heatmap_layer"] == "conv2"
     rows = check_rows(card)
@@ -90,8 +92,10 @@ async def test_resnet18_card_matches_published_figures(tmp_path: Path) -> None:
         assert 1.80e9 < card["anatomy"]["total_macs"] < 1.83e9  # "1.8 GFLOPs" (MACs)
         assert card["anatomy"]["receptive_field"] == 435
         assert card["anatomy"]["output_shape"] == [1000]
-        assert len(card["labels"]) == 1000 and card["labels"][0] == "tench"
-        assert card["input"]["resize"] == "center_crop" and card["input"]["resize_size"] == 256
+        assert len(card["labels"]) == 1000
+        assert card["labels"][0] == "tench"
+        assert card["input"]["resize"] == "center_crop"
+        assert card["input"]["resize_size"] == 256
         assert "layer4" in [layer["name"] for layer in card["heatmap_layers"]]
         conv1 = rows[0]
         assert (conv1["name"], conv1["kernel"], conv1["output_shape"]) == (
@@ -125,7 +129,8 @@ def test_describe_shows_a_3_to_64_conv_with_1792_parameters(
     assert main(["describe", "vgg11", "--input", "3x32x32", "--classes", "10"]) == 0
     first = capsys.readouterr().out.splitlines()[2].split()
     assert first[:3] == ["features.0", "Conv2d", "3x3"]
-    assert "64x32x32" in first and "1,792" in first
+    assert "64x32x32" in first
+    assert "1,792" in first
 
 
 def test_describe_rejects_an_input_that_collapses(capsys: pytest.CaptureFixture[str]) -> None:
@@ -140,7 +145,8 @@ def test_explain_writes_the_heatmap_png(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == 0
     assert "top class '4'" in capsys.readouterr().out
     with Image.open(output) as picture:
-        assert picture.format == "PNG" and picture.size == (280, 280)
+        assert picture.format == "PNG"
+        assert picture.size == (280, 280)
 
 
 def test_collapsing_input_is_refused_at_load(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -27,10 +28,10 @@ PNG = {"content-type": "image/png"}
 CPU = torch.device("cpu")
 
 
-def heatmap_of(response: httpx.Response) -> dict[str, object]:
+def heatmap_of(response: httpx.Response) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     result = response.json()["results"][0]
-    heatmap: dict[str, object] = result["heatmap"]
+    heatmap: dict[str, Any] = result["heatmap"]
     return heatmap
 
 
@@ -113,7 +114,8 @@ async def test_activation_maps_walk_every_conv_layer(client: httpx.AsyncClient) 
         assert heatmap["method"] == "activation"
         sizes.append(heatmap["width"])
         grid = np.array(heatmap["grid"])
-        assert 0.0 <= grid.min() and grid.max() == pytest.approx(1.0)
+        assert grid.min() >= 0.0
+        assert grid.max() == pytest.approx(1.0)
     assert sizes == [28, 14]
 
 

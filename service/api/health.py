@@ -41,4 +41,5 @@ async def scrape(request: Request[Any, Any, Any], runtime: RuntimeDep) -> Respon
             torch.cuda.memory_allocated(runtime.device)
         )
     body, content_type = metrics.render(request.headers.get("accept", ""))
-    return Response(body, media_type=content_type)
+    # Litestar adds the charset itself
+    return Response(body, media_type=content_type.replace("; charset=utf-8", ""))

@@ -20,10 +20,14 @@ from service.store import ModelStore
 
 def torchvision_weights(arch: str) -> Any:
     """The DEFAULT weights entry of a torchvision architecture (metadata only, no download)."""
-    import torchvision
-
     if not get_architecture(arch).torchvision:
         raise ArchitectureError(f"{arch} is not a torchvision architecture; use `convserve train`")
+    try:
+        import torchvision
+    except ImportError:
+        raise ArchitectureError(
+            "importing needs torchvision: pip install 'convserve[torchvision]'"
+        ) from None
     return torchvision.models.get_model_weights(arch).DEFAULT
 
 

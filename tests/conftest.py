@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, cast
 
 import httpx
@@ -20,13 +21,13 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def ready_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+def ready_client(settings: Settings) -> AbstractAsyncContextManager[httpx.AsyncClient]:
     """httpx speaking HTTP to create_app(settings) in this event loop (so requests really run
-    concurrently), yielded once every model is ready; the app's lifespan runs around it."""
-    async for client in app_client(create_app(settings)):
-        yield client
+    concurrently), entered once every model is ready; the app's lifespan runs around it."""
+    return app_client(create_app(settings))
 
 
+@asynccontextmanager
 async def app_client(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
     async with app.lifespan():
         transport = httpx.ASGITransport(app=cast("Any", app))  # httpx types a narrower ASGI
@@ -44,5 +45,5 @@ async def app_client(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture(scope="session")
 async def client(anyio_backend: str) -> AsyncIterator[httpx.AsyncClient]:
-    async for c in ready_client(Settings.from_env({"CONVSERVE_STORE": str(BUNDLED_STORE)})):
+    async with ready_client(Settings.from_env({"CONVSERVE_STORE": str(BUNDLED_STORE)})) as c:
         yield c

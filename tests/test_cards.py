@@ -74,7 +74,7 @@ def _seed_spec() -> ModelSpec:
 async def test_seed_small_cnn_card_totals_545098(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
     store.write("seed", build_model("small_cnn"), _seed_spec())
-    async for client in ready_client(Settings.from_env({"CONVSERVE_STORE": str(tmp_path)})):
+    async with ready_client(Settings.from_env({"CONVSERVE_STORE": str(tmp_path)})) as client:
         card = (await client.get("/models/seed")).json()
         rows = check_rows(card)
         assert card["anatomy"]["total_params"] == 545_098
@@ -85,7 +85,7 @@ async def test_seed_small_cnn_card_totals_545098(tmp_path: Path) -> None:
 async def test_resnet18_card_matches_published_figures(tmp_path: Path) -> None:
     assert main(["import", "resnet18", "--random-init", "--store", str(tmp_path)]) == 0
     env = {"CONVSERVE_STORE": str(tmp_path), "CONVSERVE_MAX_BATCH_SIZE": "2"}
-    async for client in ready_client(Settings.from_env(env)):
+    async with ready_client(Settings.from_env(env)) as client:
         card = (await client.get("/models/resnet18")).json()
         rows = check_rows(card)
         assert card["anatomy"]["total_params"] == 11_689_512

@@ -211,7 +211,7 @@ async def test_gradcam_mass_sits_where_the_digit_is(client: httpx.AsyncClient) -
 
 async def test_heatmaps_are_batched_and_hooks_are_removed() -> None:
     app = create_app(Settings.from_env({"CONVSERVE_STORE": str(BUNDLED_STORE)}))
-    async for client in app_client(app):
+    async with app_client(app) as client:
         digits = held_out_digits(24)
         bodies = [png_bytes(d.image) for d in digits]
         alone = []

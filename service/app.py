@@ -18,7 +18,9 @@ from litestar.openapi.spec import Components, SecurityScheme
 from service import __version__
 from service.api import health, models, predict
 from service.api.access import access_middleware
+from service.api.management import management
 from service.api.schemas import Problem
+from service.api.v2 import v2
 from service.config import Settings
 from service.errors import ServiceError
 from service.runtime import Runtime
@@ -36,8 +38,15 @@ def problem_response(
     instance: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response[bytes]:
+    # Open Inference Protocol clients look for an "error" member; RFC 9457 allows extensions
+    error = detail if instance is not None and instance.startswith("/v2") else None
     body = Problem(
-        type=PROBLEM_BASE + slug, title=title, status=status, detail=detail, instance=instance
+        type=PROBLEM_BASE + slug,
+        title=title,
+        status=status,
+        detail=detail,
+        instance=instance,
+        error=error,
     )
     return Response(
         msgspec.json.encode(body), status_code=status, media_type=PROBLEM_TYPE, headers=headers
@@ -45,7 +54,7 @@ def problem_response(
 
 
 def _service_error(request: Request[Any, Any, Any], exc: ServiceError) -> Response[bytes]:
-    headers = {}
+    headers = dict(exc.headers)
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     return problem_response(
@@ -109,6 +118,8 @@ def create_app(settings: Settings) -> Litestar:
             health.live,
             health.ready,
             health.scrape,
+            management,
+            v2,
         ],
         dependencies={"runtime": Provide(lambda: runtime, sync_to_thread=False)},
         lifespan=[lifespan],

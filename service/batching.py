@@ -77,8 +77,6 @@ class Batcher:
         self._incoming = 0
         self._running = 0
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._closed = False
         self._worker: asyncio.Task[None] | None = None
         self._labels = (classifier.name, str(classifier.version))
@@ -98,7 +96,13 @@ class Batcher:
 
     @contextlib.contextmanager
     def incoming(self, count: int) -> Iterator[None]:
-        """Mark `count` images as being decoded for this model: a forming batch waits for them."""
+        """Mark `count` images as being decoded for this model: a forming batch waits for them.
+
+        A request enters here right after it was routed to this version (with no await in
+        between), so a version being retired waits for it instead of refusing it.
+        """
+        if self._closed:
+            raise ShuttingDownError("the model version is being unloaded; retry", retry_after=1)
         self._incoming += count
         try:
             yield
@@ -114,8 +118,6 @@ class Batcher:
         target: int | None = None,
     ) -> list[asyncio.Future[Outcome]]:
         """Queue one request's images together, or refuse them all at once (503) when full."""
-        if self._closed:
-            raise ShuttingDownError("the model is being unloaded; retry", retry_after=1)
         if len(self._queue) + len(arrays) > self.max_queue:
             metrics.REJECTED.labels(self._labels[0], metrics.QUEUE_FULL).inc()
             raise QueueFullError(
@@ -129,7 +131,6 @@ class Batcher:
             job = Job(array, loop.create_future(), deadline, task, target)
             self._queue.append(job)
             futures.append(job.future)
-        self._idle.clear()
         metrics.QUEUE_DEPTH.labels(*self._labels).set(len(self._queue))
         self._wake.set()
         return futures
@@ -175,8 +176,6 @@ class Batcher:
         while True:
             self._wake.clear()
             if not self._queue:
-                if self._running == 0:
-                    self._idle.set()
                 await self._wake.wait()
                 continue
             await self._wait_for_more()
@@ -248,9 +247,10 @@ class Batcher:
         return outcomes
 
     async def drain(self) -> None:
-        """Stop taking new work and finish everything already admitted."""
+        """Take no new requests; finish those routed here already (decoding, queued, running)."""
         self._closed = True
-        await self._idle.wait()
+        while self._incoming or self._queue or self._running:
+            await asyncio.sleep(0.005)
 
     async def stop(self) -> None:
         if self._worker is not None:

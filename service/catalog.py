@@ -1,13 +1,18 @@
 """Catalog: the model versions loaded in this process, their batchers, aliases and defaults.
 
 A version serves only after it was verified, loaded and warmed up; a failed load is recorded
-with its reason and never replaces a working version.
+with its reason and never replaces a working version. Every routing change is one dict
+assignment on the event loop, so a request sees either the old state or the new one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import gc
 import logging
+import re
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -20,16 +25,19 @@ from service.classifier import Classifier
 from service.config import Settings
 from service.errors import (
     ConflictError,
+    InvalidParameterError,
     ModelLoadError,
     ModelNotFoundError,
     ModelNotReadyError,
     ServiceError,
     VersionNotFoundError,
 )
+from service.imaging import warm_up_decoding
 from service.spec import now_iso
 from service.store import ModelStore, check_name
 
 log = logging.getLogger("convserve.catalog")
+ALIAS_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 
 
 @dataclass(eq=False)
@@ -63,12 +71,16 @@ class ModelEntry:
 
 
 def warm_up_sizes(max_batch_size: int) -> list[int]:
-    """1, 2, 4, ... up to max_batch_size, and max_batch_size itself."""
-    sizes, size = [], 1
-    while size < max_batch_size:
-        sizes.append(size)
-        size *= 2
-    return [*sizes, max_batch_size]
+    """Every batch size the batcher can form: 1 .. max_batch_size."""
+    return list(range(1, max_batch_size + 1))
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, so an unloaded
+    model's memory would stay in the process's resident size)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -89,12 +101,14 @@ class Catalog:
         device: torch.device,
         inference: Executor,
         loader: Executor,
+        decoders: Executor,
     ) -> None:
         self.settings = settings
         self.store = store
         self.device = device
         self.inference = inference
         self.loader = loader
+        self.decoders = decoders
         self.models: dict[str, ModelEntry] = {}
         self.configured: list[str] = []
         self.started = False
@@ -107,32 +121,54 @@ class Catalog:
         self.configured = names
         for name in names:
             metrics.MODEL_LOAD_FAILURES.labels(name)  # the series exists from the start, at zero
-            entry = self.models.setdefault(name, ModelEntry(name))
+            self.models.setdefault(name, ModelEntry(name))
             versions = self.store.versions(name) if name in self.store.names() else []
             if not versions:
-                entry.failures[0] = f"no versions of {name!r} in the store {self.store.root}"
-                log.error("model %s: no versions in the store", name)
+                log.error("model %s: no versions in the store %s", name, self.store.root)
             for version in versions:
-                await self.load(name, version)
+                # a refusal is recorded in the entry's failures and logged by load()
+                with contextlib.suppress(ModelLoadError, ServiceError):
+                    await self.load(name, version)
+        if self.settings.warmup:
+            await self._warm_decoders()
         self.started = True
         self.update_ready()
 
+    async def _warm_decoders(self) -> None:
+        """Start every decode thread and let each decode once, so no request pays for it."""
+        specs = [
+            d.classifier.spec.input for e in self.models.values() for d in e.deployments.values()
+        ]
+        if specs:
+            loop = asyncio.get_running_loop()
+            pool, spec = self.decoders, specs[0]
+            threads = self.settings.decode_threads
+            await asyncio.gather(
+                *(loop.run_in_executor(pool, warm_up_decoding, spec) for _ in range(threads))
+            )
+
     @property
     def ready(self) -> bool:
-        return self.started and all(self.models[n].deployments for n in self.configured)
+        return self.started and all(
+            name in self.models and self.models[name].deployments for name in self.configured
+        )
 
     def update_ready(self) -> None:
         metrics.READY.set(1 if self.ready else 0)
 
     # ---- loading and unloading --------------------------------------------------------------
 
+    def _batch_size(self, classifier: Classifier) -> int:
+        overrides = classifier.spec.batching
+        return (overrides and overrides.max_batch_size) or self.settings.max_batch_size
+
     def _build(self, name: str, version: int) -> tuple[Classifier, float]:
-        """Runs on the loader thread: verify, load, warm up at every served batch size."""
+        """Runs on the loader thread: verify, load, warm up at every batch size it will serve."""
         started = time.perf_counter()
         classifier = self.store.load(name, version, self.device)
-        overrides = classifier.spec.batching
-        size = (overrides and overrides.max_batch_size) or self.settings.max_batch_size
-        classifier.warm_up(warm_up_sizes(size))
+        if self.settings.warmup:
+            warm_up_decoding(classifier.spec.input)
+            classifier.warm_up(warm_up_sizes(self._batch_size(classifier)))
         return classifier, time.perf_counter() - started
 
     def _batcher(self, classifier: Classifier) -> Batcher:
@@ -143,14 +179,19 @@ class Catalog:
         return Batcher(
             classifier,
             self.inference,
-            max_batch_size=(overrides and overrides.max_batch_size) or self.settings.max_batch_size,
+            max_batch_size=self._batch_size(classifier),
             max_delay_s=delay_ms / 1000.0,
             max_queue=self.settings.max_queue,
         )
 
     async def load(self, name: str, version: int) -> Deployment:
-        """Load (or reload) one version; the running one serves until the new one is ready."""
+        """Load (or reload) one version; a running one serves until the new one is ready.
+
+        On failure the reason is recorded (GET /models shows it) and ModelLoadError raised;
+        whatever served before keeps serving.
+        """
         entry = self.models.setdefault(check_name(name), ModelEntry(name))
+        metrics.MODEL_LOAD_FAILURES.labels(name)
         if version in entry.loading:
             raise ConflictError(f"model {name} v{version} is already loading")
         entry.loading.add(version)
@@ -167,28 +208,30 @@ class Catalog:
             raise
         finally:
             entry.loading.discard(version)
+        if self.settings.warmup:  # once on the serving thread too: torch sets up state per thread
+            await loop.run_in_executor(self.inference, classifier.warm_up, [1])
         deployment = Deployment(classifier, self._batcher(classifier), seconds)
         deployment.batcher.start()
         old = entry.deployments.get(version)
-        entry.deployments[version] = deployment  # atomic switch: new requests go to the new one
+        entry.deployments[version] = deployment  # the switch: new requests go to the new one
         entry.failures.pop(version, None)
-        entry.failures.pop(0, None)
         labels = (name, str(version), classifier.spec.architecture, self.device.type)
         metrics.MODEL_INFO.labels(*labels).set(1)
         metrics.MODEL_LOAD.labels(name, str(version)).set(seconds)
         log.info("model %s v%d ready on %s in %.2fs", name, version, self.device.type, seconds)
+        self.update_ready()
         if old is not None:
             await self._retire(old)
-        self.update_ready()
         return deployment
 
     async def _retire(self, deployment: Deployment) -> None:
         """Let queued requests finish on the old version, then free it."""
         await deployment.batcher.drain()
         await deployment.batcher.stop()
-        deployment.classifier.module.to("cpu")
+        deployment.classifier.release()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        return_freed_memory()
 
     async def unload(self, name: str, version: int) -> None:
         entry = self.entry(name)
@@ -202,8 +245,31 @@ class Catalog:
             entry.default_version = None
         arch = deployment.classifier.spec.architecture
         metrics.MODEL_INFO.labels(name, str(version), arch, self.device.type).set(0)
-        await self._retire(deployment)
         self.update_ready()
+        await self._retire(deployment)
+        log.info("model %s v%d unloaded", name, version)
+
+    def set_default(self, name: str, version: int | None) -> None:
+        """Pin the version served when a request names none (None: the highest loaded)."""
+        entry = self.entry(name)
+        if version is not None and version not in entry.deployments:
+            raise VersionNotFoundError(f"model {name} has no loaded version {version} to serve")
+        entry.default_version = version
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        entry = self.entry(name)
+        if not ALIAS_PATTERN.fullmatch(alias):
+            raise InvalidParameterError(
+                f"alias {alias!r} must start with a letter and use letters, digits, '_' or '-'"
+            )
+        if version not in entry.deployments:
+            raise VersionNotFoundError(f"model {name} has no loaded version {version} to alias")
+        entry.aliases[alias] = version
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        entry = self.entry(name)
+        if entry.aliases.pop(alias, None) is None:
+            raise VersionNotFoundError(f"model {name} has no alias {alias!r}")
 
     async def stop(self) -> None:
         for entry in self.models.values():
@@ -238,7 +304,8 @@ class Catalog:
                     raise ModelNotReadyError(f"model {entry.name} is still loading", retry_after=2)
                 reasons = "; ".join(f"v{v}: {r}" for v, r in sorted(entry.failures.items()))
                 raise ModelNotReadyError(
-                    f"model {entry.name} has no version that loaded ({reasons})", retry_after=30
+                    f"model {entry.name} has no version that loaded ({reasons or 'none in store'})",
+                    retry_after=30,
                 )
             return serving
         if isinstance(version, int) or version.isdigit():

@@ -101,6 +101,11 @@ class Classifier:
         probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
         return Explanation(probabilities, maps, chosen, point)
 
+    def release(self) -> None:
+        """Drop the weights; called once the version no longer serves anything."""
+        self.module = nn.Module()
+        self.layers = {}
+
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         """Run every batch size once so the first real request pays no first-call cost."""
         example = np.zeros(self.input_shape, dtype=np.float32)

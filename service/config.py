@@ -92,6 +92,7 @@ class Settings:
     log_level: str = "info"
     watch: bool = False
     watch_interval_s: float = 2.0
+    warmup: bool = True
     engine: str = "torch"
     threads: int | None = None
     decode_threads: int = 4
@@ -145,6 +146,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "log_level": _choice("debug", "info", "warning", "error"),
     "watch": _flag,
     "watch_interval_s": _non_negative_float,
+    "warmup": _flag,
     "engine": _choice("auto", "torch", "onnxruntime"),
     "threads": _optional_threads,
     "decode_threads": _positive_int,
@@ -171,6 +173,7 @@ HELP: dict[str, str] = {
     "log_level": "debug | info | warning | error",
     "watch": "load new versions that appear in the store",
     "watch_interval_s": "how often the store is scanned when watching",
+    "warmup": "run every served batch size once before a version takes traffic",
     "engine": "auto | torch | onnxruntime",
     "threads": "torch intra-op threads (default: torch's choice)",
     "decode_threads": "threads that decode and preprocess images",

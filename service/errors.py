@@ -12,7 +12,9 @@
     ├── PayloadTooLargeError (413)
     ├── UnsupportedMediaTypeError (415)
     ├── InvalidParameterError (422)
+    ├── ModelRefusedError (422)
     ├── UnauthorizedError (401)
+    ├── ForbiddenError (403)
     ├── ConflictError (409)
     ├── InferenceError (500)
     ├── UnavailableError (503)
@@ -36,10 +38,17 @@ class ServiceError(Exception):
     title: str = "Internal error"
     slug: str = "internal-error"
 
-    def __init__(self, detail: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        detail: str,
+        *,
+        retry_after: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.retry_after = retry_after
+        self.headers = headers or {}
 
 
 class BadRequestError(ServiceError):
@@ -67,6 +76,12 @@ class UnauthorizedError(ServiceError):
     status_code = 401
     title = "Unauthorized"
     slug = "unauthorized"
+
+
+class ForbiddenError(ServiceError):
+    status_code = 403
+    title = "Forbidden"
+    slug = "forbidden"
 
 
 class NotFoundError(ServiceError):
@@ -118,6 +133,14 @@ class InvalidParameterError(ServiceError):
     status_code = 422
     title = "Invalid parameter"
     slug = "invalid-parameter"
+
+
+class ModelRefusedError(ServiceError):
+    """A version failed verification when asked to load; the old one keeps serving."""
+
+    status_code = 422
+    title = "Model version refused"
+    slug = "model-refused"
 
 
 class InferenceError(ServiceError):

@@ -17,6 +17,7 @@ from service.catalog import Catalog, resolve_device
 from service.config import Settings
 from service.errors import ShuttingDownError
 from service.store import ModelStore
+from service.watching import StoreWatcher
 
 log = logging.getLogger("convserve")
 
@@ -34,7 +35,12 @@ class Runtime:
         self.decoders = ThreadPoolExecutor(
             settings.decode_threads, thread_name_prefix="convserve-decode"
         )
-        self.catalog = Catalog(settings, self.store, self.device, self.inference, self.loader)
+        self.catalog = Catalog(
+            settings, self.store, self.device, self.inference, self.loader, self.decoders
+        )
+        self.watcher = (
+            StoreWatcher(self.catalog, settings.watch_interval_s) if settings.watch else None
+        )
         self.draining = False
         self.inflight = 0
         self.started_at = time.monotonic()
@@ -48,6 +54,8 @@ class Runtime:
 
     async def _load(self) -> None:
         await self.catalog.load_store()
+        if self.watcher is not None:
+            self.watcher.start()
         log.info(
             "ready in %.2fs: %s",
             time.monotonic() - self.started_at,
@@ -85,6 +93,8 @@ class Runtime:
     async def stop(self) -> None:
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
+        if self.watcher is not None:
+            await self.watcher.stop()
         await self.catalog.stop()
         for pool in (self.decoders, self.inference, self.loader):
             pool.shutdown(wait=False, cancel_futures=True)

@@ -21,11 +21,10 @@ from service.catalog import Deployment, ModelEntry
 from service.runtime import RuntimeDep
 
 
-def _status(entry: ModelEntry) -> ModelStatus:
+def model_status(entry: ModelEntry) -> ModelStatus:
     versions: dict[int, VersionStatus] = {}
     for number, reason in entry.failures.items():
-        if number > 0:
-            versions[number] = VersionStatus(number, "failed", error=reason)
+        versions[number] = VersionStatus(number, "failed", error=reason)
     for number in entry.loading:
         versions[number] = VersionStatus(number, "loading")
     for number, deployment in entry.deployments.items():
@@ -91,7 +90,7 @@ def model_card(deployment: Deployment) -> ModelCard:
 @get("/models", summary="Every model and version with its status")
 async def list_models(runtime: RuntimeDep) -> ModelList:
     catalog = runtime.catalog
-    return ModelList([_status(catalog.models[name]) for name in sorted(catalog.models)])
+    return ModelList([model_status(catalog.models[name]) for name in sorted(catalog.models)])
 
 
 @get("/models/{name:str}", summary="Model card of the serving version")

@@ -5,32 +5,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from litestar import Request, Response, post
 from litestar.params import FromPath, QueryParameter
 
-from service import metrics
 from service.api.access import annotate
+from service.api.classify import classify, gather_first_error
 from service.api.schemas import Heatmap, ModelRef, Prediction, PredictResponse, Result
-from service.api.uploads import Upload, read_uploads
+from service.api.uploads import read_uploads
 from service.batching import Outcome
-from service.catalog import Deployment
-from service.errors import (
-    DeadlineExceededError,
-    InvalidParameterError,
-    NotAcceptableError,
-    ServiceError,
-)
+from service.classifier import Classifier
+from service.errors import InvalidParameterError, NotAcceptableError
 from service.heatmaps import overlay_png
-from service.imaging import PreparedImage, prepare_image
-from service.runtime import Runtime, RuntimeDep
+from service.imaging import PreparedImage
+from service.runtime import RuntimeDep
 
 Method = Literal["gradcam", "activation"]
 PNG = "image/png"
 JSON = "application/json"
-T = TypeVar("T")
 
 ModelQuery = Annotated[
     str | None, QueryParameter(description="model name (default: the default model)")
@@ -58,29 +52,12 @@ def top_predictions(probabilities: np.ndarray, labels: list[str], top_k: int) ->
     return [Prediction(labels[i], int(i), float(probabilities[i])) for i in order]
 
 
-def _prepare(
-    runtime: Runtime, deployment: Deployment, upload: Upload, heatmap: bool
-) -> PreparedImage:
-    """Decode + preprocess one image (runs in the decode thread pool)."""
-    started = time.perf_counter()
-    spec = deployment.classifier.spec.input
-    try:
-        prepared = prepare_image(
-            upload.data, spec, runtime.settings.max_pixels, keep_display=heatmap
-        )
-    except ServiceError as exc:
-        exc.detail = f"{upload.label}: {exc.detail}" if upload.label != "body" else exc.detail
-        raise
-    labels = (deployment.classifier.name, str(deployment.version))
-    metrics.PREPROCESS.labels(*labels).observe(time.perf_counter() - started)
-    return prepared
-
-
-def _heatmap(method: str, outcome: Outcome, prepared: PreparedImage) -> Heatmap:
+def _heatmap(method: str, outcome: Outcome, prepared: PreparedImage | None) -> Heatmap:
     """Grid and overlay PNG for one image (runs in the decode thread pool)."""
     assert outcome.grid is not None
     assert outcome.point is not None
     assert outcome.target is not None
+    assert prepared is not None
     assert prepared.display is not None
     png = overlay_png(prepared.display, prepared.box, outcome.grid)
     height, width = outcome.grid.shape
@@ -95,12 +72,17 @@ def _heatmap(method: str, outcome: Outcome, prepared: PreparedImage) -> Heatmap:
     )
 
 
-async def _gather_first_error(awaitables: list[asyncio.Future[T]]) -> list[T]:
-    results = await asyncio.gather(*awaitables, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return results  # type: ignore[return-value]
+def _check(
+    classifier: Classifier, method: str | None, layer: str | None, target: int | None
+) -> None:
+    """404 for an unknown layer, 422 for a class index the model does not have."""
+    if method is not None:
+        classifier.read_point(layer)
+    if target is not None and target >= len(classifier.labels):
+        raise InvalidParameterError(
+            f"target {target} is out of range: model {classifier.name} has "
+            f"{len(classifier.labels)} classes (0..{len(classifier.labels) - 1})"
+        )
 
 
 async def run_prediction(
@@ -127,62 +109,39 @@ async def _predict(
     layer: str | None,
     target: int | None,
 ) -> Response[object]:
-    started = time.monotonic()
-    deadline = started + runtime.settings.deadline_s
-    deployment = runtime.catalog.resolve(name, version)
-    classifier = deployment.classifier
-    annotate(request, model=classifier.name, version=classifier.version)
-    if heatmap is None and (layer is not None or target is not None):
+    deadline = time.monotonic() + runtime.settings.deadline_s
+    wants_png = request.accept.best_match([JSON, PNG], default=JSON) == PNG
+    method = heatmap or ("gradcam" if wants_png else None)
+    if method is None and (layer is not None or target is not None):
         raise InvalidParameterError(
             "`layer` and `target` apply only with heatmap=gradcam|activation"
         )
-    if heatmap is not None:
-        classifier.read_point(layer)  # 404 naming the valid layers, before any work
-    if target is not None and target >= len(classifier.labels):
-        raise InvalidParameterError(
-            f"target {target} is out of range: model {classifier.name} has "
-            f"{len(classifier.labels)} classes (0..{len(classifier.labels) - 1})"
-        )
-    wants_png = request.accept.best_match([JSON, PNG], default=JSON) == PNG
-    if wants_png:
-        classifier.read_point(layer)
+    deployment = runtime.catalog.resolve(name, version)
+    _check(deployment.classifier, method, layer, target)  # fail fast, before the body arrives
     uploads = await read_uploads(request, runtime.settings)
-    if wants_png:
-        if len(uploads) != 1:
-            raise NotAcceptableError(
-                "Accept: image/png returns one heatmap picture, but "
-                f"{len(uploads)} images were sent"
-            )
-        heatmap = heatmap or "gradcam"
-    loop = asyncio.get_running_loop()
-    batcher = deployment.batcher
-    with batcher.incoming(len(uploads)):
-        decoding = [
-            loop.run_in_executor(
-                runtime.decoders, _prepare, runtime, deployment, upload, heatmap is not None
-            )
-            for upload in uploads
-        ]
-        prepared = await _gather_first_error(decoding)
-        task = None if heatmap is None else (heatmap, layer or classifier.spec.heatmap_layer)
-        futures = batcher.submit([p.array for p in prepared], deadline, task, target)
-    try:
-        outcomes = await asyncio.wait_for(
-            _gather_first_error(futures), timeout=max(deadline - time.monotonic(), 0.0)
+    if wants_png and len(uploads) != 1:
+        raise NotAcceptableError(
+            f"Accept: image/png returns one heatmap picture, but {len(uploads)} images were sent"
         )
-    except TimeoutError:
-        for future in futures:
-            future.cancel()
-        raise DeadlineExceededError(
-            f"no answer within the {runtime.settings.deadline_ms:.0f} ms deadline"
-        ) from None
+    latest = runtime.catalog.resolve(name, version)  # a swap may have landed meanwhile
+    if latest is not deployment:
+        deployment = latest
+        _check(deployment.classifier, method, layer, target)
+    classifier = deployment.classifier
+    annotate(request, model=classifier.name, version=classifier.version)
+    task = None if method is None else (method, layer or classifier.spec.heatmap_layer)
+    outcomes, prepared = await classify(
+        runtime, deployment, uploads, deadline, task=task, target=target,
+        keep_display=method is not None,
+    )  # fmt: skip
     annotate(request, batch_size=max(o.batch_size for o in outcomes))
-    if heatmap is not None:
+    if method is not None:
+        loop = asyncio.get_running_loop()
         maps = [
-            loop.run_in_executor(runtime.decoders, _heatmap, heatmap, outcome, image)
+            loop.run_in_executor(runtime.decoders, _heatmap, method, outcome, image)
             for outcome, image in zip(outcomes, prepared, strict=True)
         ]
-        heatmaps: list[Heatmap | None] = [*await _gather_first_error(maps)]
+        heatmaps: list[Heatmap | None] = [*await gather_first_error(maps)]
         if wants_png:
             assert heatmaps[0] is not None
             return Response(base64.b64decode(heatmaps[0].png), media_type=PNG)

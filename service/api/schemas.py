@@ -46,6 +46,7 @@ class Problem(msgspec.Struct, omit_defaults=True):
     status: int
     detail: str
     instance: str | None = None
+    error: str | None = None  # Open Inference Protocol clients read this member
 
 
 class VersionStatus(msgspec.Struct, omit_defaults=True):

@@ -90,6 +90,14 @@ async def _parse_multipart(
     return uploads
 
 
+async def read_body(request: Request[Any, Any, Any], settings: Settings) -> bytes:
+    """The whole body, within CONVSERVE_MAX_BODY_BYTES (413 before reading when announced)."""
+    body = bytearray()
+    async for chunk in _chunks(request, settings):
+        body.extend(chunk)
+    return bytes(body)
+
+
 async def read_uploads(request: Request[Any, Any, Any], settings: Settings) -> list[Upload]:
     """Every image in the request, in order; 413/415/400 problems for anything else."""
     header = request.headers.get("content-type", "")
@@ -103,9 +111,6 @@ async def read_uploads(request: Request[Any, Any, Any], settings: Settings) -> l
     if media_type in REFUSED_IMAGE_TYPES:
         raise UnsupportedMediaTypeError(REFUSED_IMAGE_TYPES[media_type])
     if media_type.startswith("image/") or media_type in RAW_TYPES:
-        body = bytearray()
-        async for chunk in _chunks(request, settings):
-            body.extend(chunk)
-        return [Upload("body", bytes(body))]
+        return [Upload("body", await read_body(request, settings))]
     shown = media_type or "no Content-Type"
     raise UnsupportedMediaTypeError(f"{shown} is not accepted; send {ACCEPTED}")

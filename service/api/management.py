@@ -1,0 +1,188 @@
+"""Management API: load, unload and reload versions, pin the default, move aliases.
+
+Off unless CONVSERVE_API_KEY is set; then every call must present the key as
+`Authorization: Bearer <key>` or `X-API-Key: <key>` (compared in constant time).
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+import msgspec
+from litestar import Router, delete, get, post, put
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+from litestar.params import FromPath, JSONBody
+
+from service.api.models import model_status
+from service.api.schemas import ModelStatus
+from service.errors import (
+    ConflictError,
+    ForbiddenError,
+    ModelLoadError,
+    ModelRefusedError,
+    UnauthorizedError,
+)
+from service.runtime import Runtime, RuntimeDep
+from service.store import check_name
+
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="convserve management"'}
+
+
+def presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    authorization = connection.headers.get("authorization", "")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return connection.headers.get("x-api-key")
+
+
+def require_api_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard for every management route."""
+    runtime: Runtime = connection.app.state.runtime
+    expected = runtime.settings.api_key
+    if expected is None:
+        raise ForbiddenError("the management API is off; start the server with CONVSERVE_API_KEY")
+    key = presented_key(connection)
+    if key is None or not hmac.compare_digest(key.encode(), expected.encode()):
+        raise UnauthorizedError(
+            "a valid API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            headers=CHALLENGE,
+        )
+
+
+class VersionChoice(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of the default and alias updates."""
+
+    version: int | None
+
+
+class StoredVersion(msgspec.Struct):
+    version: int
+    status: str  # ready | loading | failed | not loaded
+
+
+class StoredModel(msgspec.Struct):
+    name: str
+    versions: list[StoredVersion]
+
+
+class StoreListing(msgspec.Struct):
+    root: str
+    models: list[StoredModel]
+
+
+@get("/store", summary="Every model version in the store, loaded or not")
+async def list_store(runtime: RuntimeDep) -> StoreListing:
+    catalog = runtime.catalog
+    listed = []
+    for name in runtime.store.names():
+        entry = catalog.models.get(name)
+        versions = []
+        for version in runtime.store.versions(name):
+            status = "not loaded"
+            if entry is not None:
+                if version in entry.deployments:
+                    status = "ready"
+                elif version in entry.loading:
+                    status = "loading"
+                elif version in entry.failures:
+                    status = "failed"
+            versions.append(StoredVersion(version, status))
+        listed.append(StoredModel(name, versions))
+    return StoreListing(str(runtime.store.root), listed)
+
+
+async def _load(runtime: Runtime, name: str, version: int, *, replace: bool) -> ModelStatus:
+    catalog = runtime.catalog
+    runtime.store.path(check_name(name), version)  # 404 unless the store has it
+    entry = catalog.models.get(name)
+    loaded = entry is not None and version in entry.deployments
+    if loaded and not replace:
+        raise ConflictError(f"model {name} v{version} is already loaded; use .../reload")
+    if not loaded and replace:
+        raise ConflictError(f"model {name} v{version} is not loaded; use .../load")
+    try:
+        await catalog.load(name, version)
+    except ModelLoadError as exc:
+        raise ModelRefusedError(
+            f"model {name} v{version} was refused and nothing changed: {exc.reason}"
+        ) from None
+    return model_status(catalog.entry(name))
+
+
+@post(
+    "/models/{name:str}/versions/{version:int}/load",
+    summary="Verify, load, warm up, serve",
+    status_code=200,
+)
+async def load_version(
+    runtime: RuntimeDep, name: FromPath[str], version: FromPath[int]
+) -> ModelStatus:
+    return await _load(runtime, name, version, replace=False)
+
+
+@post(
+    "/models/{name:str}/versions/{version:int}/reload",
+    summary="Reload a version from the store",
+    status_code=200,
+)
+async def reload_version(
+    runtime: RuntimeDep, name: FromPath[str], version: FromPath[int]
+) -> ModelStatus:
+    return await _load(runtime, name, version, replace=True)
+
+
+@post(
+    "/models/{name:str}/versions/{version:int}/unload",
+    summary="Finish its queue, then free it",
+    status_code=200,
+)
+async def unload_version(
+    runtime: RuntimeDep, name: FromPath[str], version: FromPath[int]
+) -> ModelStatus:
+    await runtime.catalog.unload(name, version)
+    return model_status(runtime.catalog.entry(name))
+
+
+@put("/models/{name:str}/default", summary="Pin the version served when none is named")
+async def set_default(
+    runtime: RuntimeDep, name: FromPath[str], data: JSONBody[VersionChoice]
+) -> ModelStatus:
+    runtime.catalog.set_default(name, data.version)
+    return model_status(runtime.catalog.entry(name))
+
+
+@put(
+    "/models/{name:str}/aliases/{alias:str}",
+    summary="Point an alias (stable, canary...) at a version",
+)
+async def set_alias(
+    runtime: RuntimeDep, name: FromPath[str], alias: FromPath[str], data: JSONBody[VersionChoice]
+) -> ModelStatus:
+    if data.version is None:
+        runtime.catalog.delete_alias(name, alias)
+    else:
+        runtime.catalog.set_alias(name, alias, data.version)
+    return model_status(runtime.catalog.entry(name))
+
+
+@delete("/models/{name:str}/aliases/{alias:str}", summary="Remove an alias", status_code=200)
+async def delete_alias(
+    runtime: RuntimeDep, name: FromPath[str], alias: FromPath[str]
+) -> ModelStatus:
+    runtime.catalog.delete_alias(name, alias)
+    return model_status(runtime.catalog.entry(name))
+
+
+management = Router(
+    path="/",
+    guards=[require_api_key],
+    route_handlers=[
+        list_store, load_version, reload_version, unload_version, set_default, set_alias,
+        delete_alias,
+    ],
+    tags=["management"],
+    security=[{"apiKey": []}],
+)  # fmt: skip

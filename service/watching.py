@@ -1,0 +1,79 @@
+"""Store watching (CONVSERVE_WATCH=1): versions that appear in the store are loaded as they come.
+
+A version counts once its model.json exists (writers put it last; `convserve train` and
+`import` rename a finished folder into place). A version that fails verification is recorded
+and retried only when its files change, and never replaces a working version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from service.catalog import Catalog
+from service.errors import ModelLoadError, ServiceError
+from service.store import SPEC_FILE, WEIGHTS_FILE
+
+log = logging.getLogger("convserve.watch")
+Fingerprint = tuple[tuple[int, int], ...]
+
+
+def fingerprint(folder: Path) -> Fingerprint:
+    """Size and modification time of a version's files: a change means it is worth a retry."""
+    marks = []
+    for name in (SPEC_FILE, WEIGHTS_FILE):
+        with contextlib.suppress(OSError):
+            stat = (folder / name).stat()
+            marks.append((stat.st_size, stat.st_mtime_ns))
+    return tuple(marks)
+
+
+class StoreWatcher:
+    """Polls the store every `interval` seconds and loads what is new."""
+
+    def __init__(self, catalog: Catalog, interval: float) -> None:
+        self.catalog = catalog
+        self.interval = interval
+        self.refused: dict[tuple[str, int], Fingerprint] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        for name, entry in self.catalog.models.items():  # refused at start-up: retry on change
+            for version in entry.failures:
+                folder = self.catalog.store.root / name / str(version)
+                self.refused[(name, version)] = fingerprint(folder)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="store watcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.scan()
+            except Exception:  # a bad scan must not end watching
+                log.exception("store scan failed")
+
+    async def scan(self) -> None:
+        store = self.catalog.store
+        for name in store.names():
+            entry = self.catalog.models.get(name)
+            for version in store.versions(name):
+                if entry is not None and (version in entry.deployments or version in entry.loading):
+                    continue
+                folder = store.root / name / str(version)
+                marks = fingerprint(folder)
+                if self.refused.get((name, version)) == marks:
+                    continue
+                log.info("store watch: new version %s v%d", name, version)
+                try:
+                    await self.catalog.load(name, version)
+                    self.refused.pop((name, version), None)
+                except (ModelLoadError, ServiceError):
+                    self.refused[(name, version)] = marks

@@ -36,8 +36,17 @@ fmt: $(STAMP) ## format and autofix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+fuzz: $(STAMP) ## fuzz the image decode path for ten minutes (atheris); crashes land in artifacts/
+	mkdir -p artifacts/fuzz-corpus
+	cp tests/data/corpus/*.bin artifacts/fuzz-corpus/
+	$(BIN)/python tests/fuzz_decode.py artifacts/fuzz-corpus -max_total_time=600 \
+		-rss_limit_mb=4096 -artifact_prefix=artifacts/
+
+soak: $(STAMP) ## 20,000 mixed requests; fails if the server's memory grows past the bound
+	$(BIN)/python -m benchmarks.soak
+
 models: $(STAMP) ## retrain the bundled models (digits, lenet5) into new store versions
 	$(BIN)/convserve train --arch small_cnn --name digits --epochs 12
 	$(BIN)/convserve train --arch lenet5 --name lenet5 --epochs 12
 
-.PHONY: help venv serve test lint typecheck fmt models
+.PHONY: help venv serve test lint typecheck fmt fuzz soak models

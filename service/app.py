@@ -12,6 +12,7 @@ import msgspec
 from litestar import Litestar, Request, Response
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
@@ -129,7 +130,7 @@ def create_app(settings: Settings) -> Litestar:
             HTTPException: _http_error,
             Exception: _unexpected_error,
         },
-        middleware=[access_middleware],
+        middleware=[DefineMiddleware(access_middleware, draining=lambda: runtime.draining)],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="convserve",

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -46,6 +47,18 @@ class Outcome:
     point: ReadPoint | None = None
 
 
+T = TypeVar("T")
+
+
+async def gather_first_error(futures: Sequence[asyncio.Future[T]]) -> list[T]:
+    """Wait for all; raise the first failure (every outcome is retrieved, none left dangling)."""
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results  # type: ignore[return-value]
+
+
 @dataclass(eq=False)
 class Job:
     array: np.ndarray  # (C, H, W) float32, normalized
@@ -54,6 +67,7 @@ class Job:
     task: Task = None
     target: int | None = None
     arrived: float = field(default_factory=time.monotonic)
+    taken: bool = False  # in a batch on its way through the model: it will be answered
 
 
 class Batcher:
@@ -116,7 +130,7 @@ class Batcher:
         deadline: float,
         task: Task = None,
         target: int | None = None,
-    ) -> list[asyncio.Future[Outcome]]:
+    ) -> list[Job]:
         """Queue one request's images together, or refuse them all at once (503) when full."""
         if len(self._queue) + len(arrays) > self.max_queue:
             metrics.REJECTED.labels(self._labels[0], metrics.QUEUE_FULL).inc()
@@ -126,14 +140,25 @@ class Batcher:
                 retry_after=1,
             )
         loop = asyncio.get_running_loop()
-        futures = []
-        for array in arrays:
-            job = Job(array, loop.create_future(), deadline, task, target)
-            self._queue.append(job)
-            futures.append(job.future)
+        jobs = [Job(array, loop.create_future(), deadline, task, target) for array in arrays]
+        self._queue.extend(jobs)
         metrics.QUEUE_DEPTH.labels(*self._labels).set(len(self._queue))
         self._wake.set()
-        return futures
+        return jobs
+
+    async def results(self, jobs: list[Job], deadline: float) -> list[Outcome]:
+        """Every job's outcome, in order. Past the deadline, jobs still queued are dropped unrun
+        (504); a request whose images are all in a running batch still gets its answer."""
+        waiting = asyncio.ensure_future(gather_first_error([job.future for job in jobs]))
+        done, _ = await asyncio.wait({waiting}, timeout=max(deadline - time.monotonic(), 0.0))
+        if not done and not all(job.taken for job in jobs):
+            for job in jobs:
+                job.future.cancel()  # the worker skips cancelled jobs; taken ones finish unused
+            with contextlib.suppress(asyncio.CancelledError, ServiceError):
+                await waiting
+            metrics.REJECTED.labels(self._labels[0], metrics.DEADLINE).inc()
+            raise DeadlineExceededError("the request waited in the queue past its deadline")
+        return await waiting
 
     async def _wait_for_more(self) -> None:
         """Hold the batch while decodes are in flight, up to max_delay after the oldest arrival."""
@@ -164,6 +189,7 @@ class Batcher:
             if task is False:
                 task = job.task
             if job.task == task and len(batch) < self.max_batch_size:
+                job.taken = True
                 batch.append(job)
             else:
                 kept.append(job)

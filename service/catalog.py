@@ -234,10 +234,17 @@ class Catalog:
         return_freed_memory()
 
     async def unload(self, name: str, version: int) -> None:
+        """Retire a version. The last version of a configured model stays: unloading it would
+        take the model (and readiness) down; load its replacement first."""
         entry = self.entry(name)
-        deployment = entry.deployments.pop(version, None)
-        if deployment is None:
+        if version not in entry.deployments:
             raise VersionNotFoundError(f"model {name} has no loaded version {version}")
+        if name in self.configured and set(entry.deployments) == {version}:
+            raise ConflictError(
+                f"v{version} is the only loaded version of {name}; load another version first "
+                "(a configured model always keeps one version serving)"
+            )
+        deployment = entry.deployments.pop(version)
         for alias, target in list(entry.aliases.items()):
             if target == version:
                 del entry.aliases[alias]

@@ -97,6 +97,7 @@ class Settings:
     threads: int | None = None
     decode_threads: int = 4
     drain_s: float = 30.0
+    drain_delay_s: float = 1.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -151,6 +152,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "threads": _optional_threads,
     "decode_threads": _positive_int,
     "drain_s": _non_negative_float,
+    "drain_delay_s": _non_negative_float,
 }
 
 HELP: dict[str, str] = {
@@ -178,4 +180,5 @@ HELP: dict[str, str] = {
     "threads": "torch intra-op threads (default: torch's choice)",
     "decode_threads": "threads that decode and preprocess images",
     "drain_s": "longest graceful shutdown waits for admitted requests",
+    "drain_delay_s": "after SIGTERM, report not ready at least this long before closing sockets",
 }

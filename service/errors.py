@@ -9,6 +9,7 @@
     │   ├── VersionNotFoundError
     │   └── LayerNotFoundError
     ├── NotAcceptableError (406)
+    ├── RequestTimeoutError (408)
     ├── PayloadTooLargeError (413)
     ├── UnsupportedMediaTypeError (415)
     ├── InvalidParameterError (422)
@@ -103,6 +104,12 @@ class VersionNotFoundError(NotFoundError):
 class LayerNotFoundError(NotFoundError):
     title = "Layer not found"
     slug = "layer-not-found"
+
+
+class RequestTimeoutError(ServiceError):
+    status_code = 408
+    title = "Request timeout"
+    slug = "request-timeout"
 
 
 class ConflictError(ServiceError):

@@ -50,7 +50,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A local state dict: safetensors as is; .pth/.pt through torch's tensors-only loader."""
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the tensors-only unpickler refuses anything else, loudly
+        raise ValueError(f"{path} was refused by torch's tensors-only loader: {exc}") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict")
     return state

@@ -16,6 +16,7 @@ from uvicorn.supervisors import Multiprocess
 from service.api.access import configure_logging
 from service.app import create_app
 from service.config import Settings
+from service.protocols import ProblemHttpProtocol
 from service.runtime import Runtime
 
 log = logging.getLogger("convserve")
@@ -25,18 +26,22 @@ class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose first SIGTERM/SIGINT drains before the usual graceful exit.
 
     On the signal the service reports not ready and refuses new predictions with 503 while every
-    admitted request finishes; then uvicorn closes its sockets and the process exits 0. A
-    second signal exits at once.
+    admitted request finishes, for at least CONVSERVE_DRAIN_DELAY_S so load balancers notice;
+    then uvicorn closes its sockets and the process exits 0. A second signal exits at once.
     """
 
     def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
         super().__init__(config)
         self.runtime = runtime
         self.drain_deadline: float | None = None
+        self.drain_earliest = 0.0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.drain_deadline is None and self.started:
-            self.drain_deadline = time.monotonic() + self.runtime.settings.drain_s
+            now = time.monotonic()
+            settings = self.runtime.settings
+            self.drain_deadline = now + max(settings.drain_s, settings.drain_delay_s)
+            self.drain_earliest = now + settings.drain_delay_s
             self.runtime.begin_drain()
             return
         if self.should_exit and sig == signal.SIGINT:
@@ -45,8 +50,9 @@ class DrainingServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         if self.drain_deadline is not None and not self.should_exit:
-            done = self.runtime.inflight == 0
-            if done or time.monotonic() >= self.drain_deadline:
+            now = time.monotonic()
+            done = self.runtime.inflight == 0 and now >= self.drain_earliest
+            if done or now >= self.drain_deadline:
                 log.info("drained (%s); stopping", "all answered" if done else "deadline passed")
                 self.should_exit = True
         return await super().on_tick(counter)
@@ -69,6 +75,7 @@ def _config(settings: Settings, app: Any, **extra: Any) -> uvicorn.Config:
         timeout_graceful_shutdown=int(settings.drain_s) + 1,
         backlog=4096,
         timeout_keep_alive=30,
+        http=ProblemHttpProtocol,
         **extra,
     )
 

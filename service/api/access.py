@@ -7,6 +7,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, cast
 
 from litestar import Request
@@ -35,8 +36,12 @@ def _request_id(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
-def access_middleware(app: ASGIApp) -> ASGIApp:
-    """Echo or mint X-Request-ID, log one line per request, count prediction outcomes."""
+def access_middleware(app: ASGIApp, draining: Callable[[], bool] = lambda: False) -> ASGIApp:
+    """Echo or mint X-Request-ID, log one line per request, count prediction outcomes.
+
+    While the server drains, responses say `Connection: close`, so clients open a new
+    connection (to another instance) instead of reusing this one as it goes away.
+    """
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         raw = cast("dict[str, Any]", scope)
@@ -56,6 +61,8 @@ def access_middleware(app: ASGIApp) -> ASGIApp:
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
+                if draining():
+                    headers.append((b"connection", b"close"))
                 message = cast("Message", {**message, "headers": headers})
             await send(message)
 

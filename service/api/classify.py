@@ -6,28 +6,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from typing import TypeVar
 
 import numpy as np
 
 from service import metrics
 from service.api.uploads import Upload
-from service.batching import Outcome, Task
+from service.batching import Outcome, Task, gather_first_error
 from service.catalog import Deployment
-from service.errors import DeadlineExceededError, ServiceError
+from service.errors import ServiceError
 from service.imaging import PreparedImage, prepare_image
 from service.runtime import Runtime
-
-T = TypeVar("T")
-
-
-async def gather_first_error(awaitables: Sequence[asyncio.Future[T]]) -> list[T]:
-    """Wait for all; raise the first failure (every outcome is retrieved, none left dangling)."""
-    results = await asyncio.gather(*awaitables, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return results  # type: ignore[return-value]
 
 
 def _prepare(
@@ -81,15 +69,5 @@ async def classify(
             else:
                 prepared.append(None)
                 arrays.append(item)
-        futures = batcher.submit(arrays, deadline, task, target)
-    try:
-        outcomes = await asyncio.wait_for(
-            gather_first_error(futures), timeout=max(deadline - time.monotonic(), 0.0)
-        )
-    except TimeoutError:
-        for future in futures:
-            future.cancel()
-        raise DeadlineExceededError(
-            f"no answer within the {runtime.settings.deadline_ms:.0f} ms deadline"
-        ) from None
-    return outcomes, prepared
+        jobs = batcher.submit(arrays, deadline, task, target)
+    return await batcher.results(jobs, deadline), prepared

@@ -7,6 +7,7 @@ from typing import Any
 from litestar import Request, Response, get
 
 from service import metrics
+from service.api.openapi import problems
 from service.api.schemas import Health
 from service.errors import ModelNotReadyError, ShuttingDownError
 from service.runtime import RuntimeDep
@@ -17,7 +18,11 @@ async def live() -> Health:
     return Health("live")
 
 
-@get("/health/ready", summary="Every configured model has a ready version (503 otherwise)")
+@get(
+    "/health/ready",
+    summary="Every configured model has a ready version (503 otherwise)",
+    responses=problems(503),
+)
 async def ready(runtime: RuntimeDep) -> Health:
     catalog = runtime.catalog
     models = {
@@ -32,7 +37,11 @@ async def ready(runtime: RuntimeDep) -> Health:
     return Health("ready", models)
 
 
-@get("/metrics", summary="Prometheus metrics (OpenMetrics when asked for)", include_in_schema=True)
+@get(
+    "/metrics",
+    summary="Prometheus metrics (OpenMetrics when asked for)",
+    media_type="text/plain",
+)
 async def scrape(request: Request[Any, Any, Any], runtime: RuntimeDep) -> Response[bytes]:
     if runtime.device.type == "cuda":
         import torch

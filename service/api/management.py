@@ -16,6 +16,7 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.params import FromPath, JSONBody
 
 from service.api.models import model_status
+from service.api.openapi import problems
 from service.api.schemas import ModelStatus
 from service.errors import (
     ConflictError,
@@ -27,6 +28,7 @@ from service.errors import (
 from service.runtime import Runtime, RuntimeDep
 from service.store import check_name
 
+MANAGEMENT_DOCS: dict[str, Any] = {"responses": problems(400, 401, 403, 404, 409, 422, 503)}
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="convserve management"'}
 
 
@@ -73,7 +75,7 @@ class StoreListing(msgspec.Struct):
     models: list[StoredModel]
 
 
-@get("/store", summary="Every model version in the store, loaded or not")
+@get(**MANAGEMENT_DOCS, path="/store", summary="Every model version in the store, loaded or not")
 async def list_store(runtime: RuntimeDep) -> StoreListing:
     catalog = runtime.catalog
     listed = []
@@ -113,7 +115,8 @@ async def _load(runtime: Runtime, name: str, version: int, *, replace: bool) -> 
 
 
 @post(
-    "/models/{name:str}/versions/{version:int}/load",
+    **MANAGEMENT_DOCS,
+    path="/models/{name:str}/versions/{version:int}/load",
     summary="Verify, load, warm up, serve",
     status_code=200,
 )
@@ -124,7 +127,8 @@ async def load_version(
 
 
 @post(
-    "/models/{name:str}/versions/{version:int}/reload",
+    **MANAGEMENT_DOCS,
+    path="/models/{name:str}/versions/{version:int}/reload",
     summary="Reload a version from the store",
     status_code=200,
 )
@@ -135,7 +139,8 @@ async def reload_version(
 
 
 @post(
-    "/models/{name:str}/versions/{version:int}/unload",
+    **MANAGEMENT_DOCS,
+    path="/models/{name:str}/versions/{version:int}/unload",
     summary="Finish its queue, then free it",
     status_code=200,
 )
@@ -146,7 +151,11 @@ async def unload_version(
     return model_status(runtime.catalog.entry(name))
 
 
-@put("/models/{name:str}/default", summary="Pin the version served when none is named")
+@put(
+    **MANAGEMENT_DOCS,
+    path="/models/{name:str}/default",
+    summary="Pin the version served when none is named",
+)
 async def set_default(
     runtime: RuntimeDep, name: FromPath[str], data: JSONBody[VersionChoice]
 ) -> ModelStatus:
@@ -155,7 +164,8 @@ async def set_default(
 
 
 @put(
-    "/models/{name:str}/aliases/{alias:str}",
+    **MANAGEMENT_DOCS,
+    path="/models/{name:str}/aliases/{alias:str}",
     summary="Point an alias (stable, canary...) at a version",
 )
 async def set_alias(
@@ -168,7 +178,12 @@ async def set_alias(
     return model_status(runtime.catalog.entry(name))
 
 
-@delete("/models/{name:str}/aliases/{alias:str}", summary="Remove an alias", status_code=200)
+@delete(
+    **MANAGEMENT_DOCS,
+    path="/models/{name:str}/aliases/{alias:str}",
+    summary="Remove an alias",
+    status_code=200,
+)
 async def delete_alias(
     runtime: RuntimeDep, name: FromPath[str], alias: FromPath[str]
 ) -> ModelStatus:

@@ -8,6 +8,7 @@ import msgspec
 from litestar import get
 from litestar.params import FromPath
 
+from service.api.openapi import problems
 from service.api.schemas import (
     AnatomyInfo,
     HeatmapLayer,
@@ -19,6 +20,8 @@ from service.api.schemas import (
 )
 from service.catalog import Deployment, ModelEntry
 from service.runtime import RuntimeDep
+
+CARD_PROBLEMS = problems(404, 503)
 
 
 def model_status(entry: ModelEntry) -> ModelStatus:
@@ -93,12 +96,16 @@ async def list_models(runtime: RuntimeDep) -> ModelList:
     return ModelList([model_status(catalog.models[name]) for name in sorted(catalog.models)])
 
 
-@get("/models/{name:str}", summary="Model card of the serving version")
+@get("/models/{name:str}", summary="Model card of the serving version", responses=CARD_PROBLEMS)
 async def card(runtime: RuntimeDep, name: FromPath[str]) -> ModelCard:
     return model_card(runtime.catalog.resolve(name, None))
 
 
-@get("/models/{name:str}/{version:str}", summary="Model card of one version (number or alias)")
+@get(
+    "/models/{name:str}/{version:str}",
+    summary="Model card of one version (number or alias)",
+    responses=CARD_PROBLEMS,
+)
 async def card_version(
     runtime: RuntimeDep, name: FromPath[str], version: FromPath[str]
 ) -> ModelCard:

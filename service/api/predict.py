@@ -9,13 +9,15 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from litestar import Request, Response, post
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, QueryParameter
 
 from service.api.access import annotate
-from service.api.classify import classify, gather_first_error
+from service.api.classify import classify
+from service.api.openapi import ImageUploadOperation, problems
 from service.api.schemas import Heatmap, ModelRef, Prediction, PredictResponse, Result
 from service.api.uploads import read_uploads
-from service.batching import Outcome
+from service.batching import Outcome, gather_first_error
 from service.classifier import Classifier
 from service.errors import InvalidParameterError, NotAcceptableError
 from service.heatmaps import overlay_png
@@ -118,7 +120,7 @@ async def _predict(
         )
     deployment = runtime.catalog.resolve(name, version)
     _check(deployment.classifier, method, layer, target)  # fail fast, before the body arrives
-    uploads = await read_uploads(request, runtime.settings)
+    uploads = await read_uploads(request, runtime.settings, deadline)
     if wants_png and len(uploads) != 1:
         raise NotAcceptableError(
             f"Accept: image/png returns one heatmap picture, but {len(uploads)} images were sent"
@@ -155,7 +157,19 @@ async def _predict(
     return Response(body)
 
 
-@post("/predict", summary="Classify images with the default (or `model`) model", status_code=200)
+PREDICT_RESPONSES = {
+    200: ResponseSpec(PredictResponse, description="probabilities (and heatmaps) per image"),
+    **problems(400, 404, 406, 408, 413, 415, 422, 500, 503, 504),
+}
+PREDICT_DOCS: dict[str, Any] = {
+    "status_code": 200,
+    "responses": PREDICT_RESPONSES,
+    "operation_class": ImageUploadOperation,
+    "response_description": "probabilities per image; with Accept: image/png the heatmap picture",
+}
+
+
+@post("/predict", summary="Classify images with the default (or `model`) model", **PREDICT_DOCS)
 async def predict(
     request: Request[Any, Any, Any],
     runtime: RuntimeDep,
@@ -169,7 +183,7 @@ async def predict(
     return await run_prediction(request, runtime, model, version, top_k, heatmap, layer, target)
 
 
-@post("/models/{name:str}/predict", summary="Classify images with the named model", status_code=200)
+@post("/models/{name:str}/predict", summary="Classify images with the named model", **PREDICT_DOCS)
 async def predict_named(
     request: Request[Any, Any, Any],
     runtime: RuntimeDep,

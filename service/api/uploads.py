@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -12,9 +15,15 @@ from litestar.exceptions import ClientException, InternalServerException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
 from service.config import Settings
-from service.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+from service.errors import (
+    BadRequestError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    UnsupportedMediaTypeError,
+)
 
 RAW_TYPES = ("application/octet-stream",)
+CLOSE = {"Connection": "close"}
 REFUSED_IMAGE_TYPES = {
     "image/svg+xml": "SVG is a vector format; send a raster image (PNG, JPEG, ...)",
 }
@@ -31,7 +40,8 @@ class Upload:
 
 def _too_large(settings: Settings) -> PayloadTooLargeError:
     return PayloadTooLargeError(
-        f"the request body exceeds the limit of {settings.max_body_bytes:,} bytes"
+        f"the request body exceeds the limit of {settings.max_body_bytes:,} bytes",
+        headers=CLOSE,  # the rest of the body is never read: the connection cannot be reused
     )
 
 
@@ -90,15 +100,32 @@ async def _parse_multipart(
     return uploads
 
 
-async def read_body(request: Request[Any, Any, Any], settings: Settings) -> bytes:
-    """The whole body, within CONVSERVE_MAX_BODY_BYTES (413 before reading when announced)."""
+async def read_body(request: Request[Any, Any, Any], settings: Settings, deadline: float) -> bytes:
+    """The whole body, within CONVSERVE_MAX_BODY_BYTES (413 before reading when announced)
+    and before the request's deadline (408: a client that stalls mid-body holds nothing)."""
     body = bytearray()
-    async for chunk in _chunks(request, settings):
-        body.extend(chunk)
+    async with _before(deadline):
+        async for chunk in _chunks(request, settings):
+            body.extend(chunk)
     return bytes(body)
 
 
-async def read_uploads(request: Request[Any, Any, Any], settings: Settings) -> list[Upload]:
+@contextlib.asynccontextmanager
+async def _before(deadline: float) -> AsyncIterator[None]:
+    try:
+        async with asyncio.timeout_at(
+            asyncio.get_running_loop().time() + deadline - time.monotonic()
+        ):
+            yield
+    except TimeoutError:
+        raise RequestTimeoutError(
+            "the request body did not arrive before the deadline", headers=CLOSE
+        ) from None
+
+
+async def read_uploads(
+    request: Request[Any, Any, Any], settings: Settings, deadline: float
+) -> list[Upload]:
     """Every image in the request, in order; 413/415/400 problems for anything else."""
     header = request.headers.get("content-type", "")
     media_type, options = multipart.parse_options_header(header)
@@ -107,10 +134,11 @@ async def read_uploads(request: Request[Any, Any, Any], settings: Settings) -> l
         boundary = options.get("boundary")
         if not boundary:
             raise BadRequestError("multipart/form-data without a boundary in Content-Type")
-        return await _parse_multipart(request, boundary, settings)
+        async with _before(deadline):
+            return await _parse_multipart(request, boundary, settings)
     if media_type in REFUSED_IMAGE_TYPES:
         raise UnsupportedMediaTypeError(REFUSED_IMAGE_TYPES[media_type])
     if media_type.startswith("image/") or media_type in RAW_TYPES:
-        return [Upload("body", await read_body(request, settings))]
+        return [Upload("body", await read_body(request, settings, deadline))]
     shown = media_type or "no Content-Type"
     raise UnsupportedMediaTypeError(f"{shown} is not accepted; send {ACCEPTED}")

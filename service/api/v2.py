@@ -22,6 +22,7 @@ from litestar.params import FromPath
 from service import __version__
 from service.api.access import annotate
 from service.api.classify import classify
+from service.api.openapi import InferOperation, problems
 from service.api.uploads import Upload, read_body
 from service.catalog import Deployment
 from service.errors import BadRequestError, ModelNotReadyError, PayloadTooLargeError
@@ -99,7 +100,11 @@ async def server_live() -> dict[str, bool]:
     return {"live": True}
 
 
-@get("/v2/health/ready", summary="Open Inference Protocol: readiness (503 until ready)")
+@get(
+    "/v2/health/ready",
+    summary="Open Inference Protocol: readiness (503 until ready)",
+    responses=problems(503),
+)
 async def server_ready(runtime: RuntimeDep) -> dict[str, bool]:
     if not runtime.ready:
         raise ModelNotReadyError(
@@ -124,7 +129,7 @@ def _metadata(deployment: Deployment, versions: list[str]) -> ModelMetadata:
 
 
 @get(["/v2/models/{name:str}", "/v2/models/{name:str}/versions/{version:str}"],
-     summary="Open Inference Protocol: model metadata")  # fmt: skip
+     summary="Open Inference Protocol: model metadata", responses=problems(404, 503))  # fmt: skip
 async def model_metadata(
     runtime: RuntimeDep, name: FromPath[str], version: FromPath[str | None] = None
 ) -> ModelMetadata:
@@ -134,7 +139,8 @@ async def model_metadata(
 
 
 @get(["/v2/models/{name:str}/ready", "/v2/models/{name:str}/versions/{version:str}/ready"],
-     summary="Open Inference Protocol: model readiness (503 when not ready)")  # fmt: skip
+     summary="Open Inference Protocol: model readiness (503 when not ready)",
+     responses=problems(404, 503))  # fmt: skip
 async def model_ready(
     runtime: RuntimeDep, name: FromPath[str], version: FromPath[str | None] = None
 ) -> Readiness:
@@ -230,7 +236,7 @@ async def _infer(
 ) -> InferResponse:
     deadline = time.monotonic() + runtime.settings.deadline_s
     runtime.catalog.resolve(name, version)  # 404 / 503 before the body is read
-    header, binary = _split_binary(await read_body(request, runtime.settings),
+    header, binary = _split_binary(await read_body(request, runtime.settings, deadline),
                                    request.headers.get(BINARY_HEADER))  # fmt: skip
     deployment = runtime.catalog.resolve(name, version)  # the version serving now
     classifier = deployment.classifier
@@ -270,7 +276,8 @@ async def _infer(
 
 @post(["/v2/models/{name:str}/infer", "/v2/models/{name:str}/versions/{version:str}/infer"],
       summary="Open Inference Protocol: classify (BYTES images or an FP32 NCHW tensor)",
-      status_code=200)  # fmt: skip
+      status_code=200, operation_class=InferOperation,
+      responses=problems(400, 404, 408, 413, 500, 503, 504))  # fmt: skip
 async def infer(
     request: Request[Any, Any, Any],
     runtime: RuntimeDep,

@@ -1,0 +1,29 @@
+"""A short, bounded run of the decode fuzzer (`make fuzz` runs it for ten minutes)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.data.make_corpus import HERE as CORPUS
+
+TARGET = Path(__file__).resolve().parent / "fuzz_decode.py"
+
+
+def test_decode_path_survives_fuzzing(tmp_path: Path) -> None:
+    seeds = tmp_path / "corpus"  # the fuzzer adds what it finds: keep the committed corpus clean
+    shutil.copytree(CORPUS, seeds)
+    (seeds / "manifest.json").unlink()
+    result = subprocess.run(
+        [sys.executable, str(TARGET), str(seeds), "-max_total_time=20", "-rss_limit_mb=4096",
+         "-seed=1", f"-artifact_prefix={tmp_path}/"],
+        capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    runs = re.search(r"Done (\d+) runs", result.stderr)
+    assert runs is not None
+    assert int(runs[1]) > 10_000
+    assert not list(tmp_path.glob("crash-*"))

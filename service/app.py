@@ -16,7 +16,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 from service import __version__
-from service.api import health, models, predict
+from service.api import explorer, health, models, predict
 from service.api.access import access_middleware
 from service.api.schemas import Problem
 from service.config import Settings
@@ -109,6 +109,7 @@ def create_app(settings: Settings) -> Litestar:
             health.live,
             health.ready,
             health.scrape,
+            explorer.maps,
         ],
         dependencies={"runtime": Provide(lambda: runtime, sync_to_thread=False)},
         lifespan=[lifespan],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import numpy as np
@@ -31,6 +31,13 @@ pytestmark = pytest.mark.anyio
 PNG = {"content-type": "image/png"}
 CPU = torch.device("cpu")
 PROBLEM = "application/problem+json"
+# torch's padding modes as numpy.pad names them
+PAD_MODES: dict[str, Literal["constant", "reflect", "edge", "wrap"]] = {
+    "zeros": "constant",
+    "reflect": "reflect",
+    "replicate": "edge",
+    "circular": "wrap",
+}
 
 
 def array_of(tensor: dict[str, Any]) -> np.ndarray:
@@ -48,7 +55,8 @@ def one_value(maps: dict[str, Any], channel: int, row: int, col: int) -> tuple[f
     first = channel // (maps["out_channels"] // maps["groups"]) * per_group
     (kh, kw), (sh, sw) = maps["kernel"], maps["stride"]
     (ph, pw), (dh, dw) = maps["padding"], maps["dilation"]
-    padded = np.pad(received.astype(np.float64), ((0, 0), (ph, ph + dh * kh), (pw, pw + dw * kw)))
+    widths = ((0, 0), (ph, ph + dh * kh), (pw, pw + dw * kw))
+    padded = np.pad(received.astype(np.float64), widths, mode=PAD_MODES[maps["padding_mode"]])
     top, left = row * sh, col * sw  # in padded coordinates
     patch = padded[first : first + per_group, top : top + dh * kh : dh, left : left + dw * kw : dw]
     products = patch * weight[channel].astype(np.float64)
@@ -249,13 +257,13 @@ def test_resnet_conv1_reads_through_batch_norm_and_the_shared_relu(tmp_path: Pat
 
 
 class Odd(nn.Module):
-    """Grouped, dilated, "same"-padded and strided convolutions, as torchvision models use."""
+    """Grouped, dilated, "same"-padded, strided and reflect-padded convolutions."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(4, 8, 3, padding="same", dilation=2, groups=2)
         self.act1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(8, 6, 4, stride=3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(8, 6, 4, stride=3, padding=1, bias=False, padding_mode="reflect")
         self.act2 = nn.ReLU()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
@@ -299,6 +307,7 @@ def test_grouped_dilated_strided_convolutions_redo_by_hand() -> None:
             "stride": list(c.stride),
             "padding": list(conv.padding),
             "dilation": list(c.dilation),
+            "padding_mode": c.padding_mode,
         }
         check_step_through(maps)
     assert open_convolution(classifier, array, "conv1").padding == (2, 2)

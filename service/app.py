@@ -16,7 +16,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 from service import __version__
-from service.api import explorer, health, models, predict
+from service.api import explorer, health, models, pages, predict
 from service.api.access import access_middleware
 from service.api.schemas import Problem
 from service.config import Settings
@@ -110,6 +110,8 @@ def create_app(settings: Settings) -> Litestar:
             health.ready,
             health.scrape,
             explorer.maps,
+            pages.index,
+            pages.assets,
         ],
         dependencies={"runtime": Provide(lambda: runtime, sync_to_thread=False)},
         lifespan=[lifespan],

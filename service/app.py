@@ -111,6 +111,7 @@ def create_app(settings: Settings) -> Litestar:
             health.scrape,
             explorer.maps,
             pages.index,
+            pages.dashboard,
             pages.assets,
         ],
         dependencies={"runtime": Provide(lambda: runtime, sync_to_thread=False)},

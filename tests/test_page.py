@@ -30,6 +30,14 @@ async def test_index_page_is_served_with_a_strict_policy(client: httpx.AsyncClie
     assert "<title>convserve: try a model</title>" in response.text
 
 
+async def test_dashboard_page_is_served(client: httpx.AsyncClient) -> None:
+    response = await client.get("/dashboard")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    assert '<script type="module" src="/static/dashboard.js">' in response.text
+
+
 async def test_every_referenced_asset_is_served(client: httpx.AsyncClient) -> None:
     """Each script, stylesheet and module import the pages name answers 200 with its type."""
     types = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
@@ -37,14 +45,14 @@ async def test_every_referenced_asset_is_served(client: httpx.AsyncClient) -> No
     for path in static_files():
         for absolute, relative in ASSET.findall(path.read_text()):
             referenced.add(absolute or f"/static/{relative}")
-    assert {"/static/page.js", "/static/style.css"} <= referenced
+    assert {"/static/page.js", "/static/dashboard.js", "/static/style.css"} <= referenced
     assert "/static/explainer.js" in referenced  # imported by page.js
     for url in sorted(referenced):
         response = await client.get(url)
         assert response.status_code == 200, url
         assert response.headers["content-type"].startswith(types[Path(url).suffix]), url
     served = {f"/static/{p.relative_to(STATIC)}" for p in static_files()}
-    unused = served - referenced - {"/static/index.html"}
+    unused = served - referenced - {"/static/index.html", "/static/dashboard.html"}
     assert not unused, f"static files nothing loads: {unused}"
 
 
@@ -65,4 +73,5 @@ async def test_missing_asset_is_a_problem(client: httpx.AsyncClient) -> None:
 async def test_pages_stay_out_of_the_api_schema(client: httpx.AsyncClient) -> None:
     paths = (await client.get("/schema/openapi.json")).json()["paths"]
     assert "/" not in paths
+    assert "/dashboard" not in paths
     assert not [p for p in paths if p.startswith("/static")]

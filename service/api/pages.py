@@ -38,6 +38,11 @@ async def index() -> File:
     return _page("index.html")
 
 
+@get("/dashboard", summary="Live latency from the service's own metrics", include_in_schema=False)
+async def dashboard() -> File:
+    return _page("dashboard.html")
+
+
 assets = create_static_files_router(
     path="/static", directories=[STATIC], name="static", include_in_schema=False
 )

@@ -2,66 +2,11 @@
 // and one output value redone step by step, all from POST /models/{name}/layers/{layer}/maps.
 
 import { decodeTensor, postImage, query } from "./api.js";
+import { diverging, enlarge, grey, heat, paint, range } from "./pictures.js";
+import { stepThrough, stepView } from "./steps.js";
 
 const $ = (id) => document.getElementById(id);
 const MAX_TILES = 128;
-const FULL_CHANNELS = 3; // input channels shown as full tables; the rest fold into a list
-const fixed = (value, digits = 3) => (Object.is(value, -0) ? 0 : value).toFixed(digits);
-
-// ---- colours -------------------------------------------------------------------------------
-
-function diverging(t) {
-  // t in -1..1: blue for negative weights, white for zero, red for positive
-  const [r, g, b] = t < 0 ? [33, 102, 172] : [178, 24, 43];
-  const a = Math.min(Math.abs(t), 1);
-  return [255 + (r - 255) * a, 255 + (g - 255) * a, 255 + (b - 255) * a];
-}
-
-function heat(t) {
-  // t in 0..1: black, red, orange, pale yellow
-  const stops = [[0, 0, 0], [170, 30, 30], [245, 140, 30], [255, 245, 190]];
-  const x = Math.min(Math.max(t, 0), 1) * (stops.length - 1);
-  const i = Math.min(Math.floor(x), stops.length - 2);
-  const f = x - i;
-  return stops[i].map((c, k) => c + (stops[i + 1][k] - c) * f);
-}
-
-function grey(t) {
-  const v = Math.min(Math.max(t, 0), 1) * 255;
-  return [v, v, v];
-}
-
-function range(values, start, length) {
-  let low = Infinity;
-  let high = -Infinity;
-  for (let i = start; i < start + length; i += 1) {
-    low = Math.min(low, values[i]);
-    high = Math.max(high, values[i]);
-  }
-  return [low, high];
-}
-
-// Paint an h x w grid: colour(index) -> [r, g, b] for each pixel, row by row.
-function paint(canvas, height, width, colour) {
-  canvas.width = width;
-  canvas.height = height;
-  const context = canvas.getContext("2d");
-  const image = context.createImageData(width, height);
-  for (let p = 0; p < width * height; p += 1) {
-    const [r, g, b] = colour(p);
-    image.data.set([r, g, b, 255], p * 4);
-  }
-  context.putImageData(image, 0, 0);
-}
-
-// Draw a small canvas enlarged onto `target` without smoothing, for pixels that can be seen.
-function enlarge(target, source) {
-  const context = target.getContext("2d");
-  context.imageSmoothingEnabled = false;
-  context.clearRect(0, 0, target.width, target.height);
-  context.drawImage(source, 0, 0, target.width, target.height);
-  return context;
-}
 
 // ---- the explainer ---------------------------------------------------------------------------
 
@@ -277,7 +222,7 @@ export class Explainer {
     $("step-col").value = String(this.col);
     this.mark();
     this.drawStepViews();
-    this.renderStep(stepThrough(this.maps, this.channel, this.row, this.col));
+    $("step").replaceChildren(...stepView(this.maps, stepThrough(this.maps, this.channel, this.row, this.col)));
   }
 
   drawStepViews() {
@@ -324,163 +269,4 @@ export class Explainer {
       `Map ${this.channel}, position row ${this.row}, column ${this.col}; arrow keys move it`,
     );
   }
-
-  renderStep(step) {
-    const m = this.maps;
-    const box = $("step");
-    const parts = [];
-    const heading = document.createElement("p");
-    heading.textContent =
-      `Map ${step.channel} at row ${step.row}, column ${step.col}: the kernel's ` +
-      `${step.inputs.length}×${m.weight.shape[2]}×${m.weight.shape[3]} weights times the patch under it.`;
-    parts.push(heading);
-    const full = step.inputs.slice(0, FULL_CHANNELS).map((input) => channelTables(input));
-    parts.push(...full);
-    if (step.inputs.length > FULL_CHANNELS) {
-      const more = document.createElement("details");
-      const summary = document.createElement("summary");
-      summary.textContent = `All ${step.inputs.length} input channels`;
-      const list = document.createElement("ol");
-      list.start = 0;
-      for (const input of step.inputs) {
-        const item = document.createElement("li");
-        item.value = input.channel;
-        item.textContent = `channel ${input.channel}: products add up to ${fixed(input.sum, 4)}`;
-        list.append(item);
-      }
-      more.append(summary, list);
-      for (const input of step.inputs.slice(FULL_CHANNELS)) {
-        more.append(channelTables(input));
-      }
-      parts.push(more);
-    }
-    const rows = [
-      ["step-sum", `Sum of the ${step.count} products`, step.sum],
-      ["step-bias", "+ bias", step.bias],
-      ["step-pre", "= output before the activation", step.sum + step.bias],
-      ["step-map-value", "the service's map holds", step.pre],
-    ];
-    const after = m.after.map((s) => s.name).join(" then ");
-    const relu = m.after.length === 1 && m.after[0].type === "ReLU";
-    rows.push([
-      "step-post",
-      relu ? `ReLU: max(0, ${fixed(step.sum + step.bias, 4)})` : m.after.length ? `after ${after}` : "no activation",
-      step.post,
-    ]);
-    const list = document.createElement("dl");
-    list.className = "sums";
-    for (const [id, text, value] of rows) {
-      const term = document.createElement("dt");
-      term.textContent = text;
-      const output = document.createElement("dd");
-      output.id = id;
-      output.dataset.value = String(value);
-      output.textContent = fixed(value, 4);
-      list.append(term, output);
-    }
-    parts.push(list);
-    box.replaceChildren(...parts);
-  }
-}
-
-// ---- arithmetic --------------------------------------------------------------------------------
-
-// Where a position outside the input reads from, per torch's padding modes (-1: a zero).
-function source(index, size, mode) {
-  if (index >= 0 && index < size) {
-    return index;
-  }
-  if (mode === "replicate") {
-    return Math.min(Math.max(index, 0), size - 1);
-  }
-  if (mode === "reflect") {
-    return index < 0 ? -index : 2 * (size - 1) - index;
-  }
-  if (mode === "circular") {
-    return ((index % size) + size) % size;
-  }
-  return -1;
-}
-
-// Redo pre[c, row, col] from the layer's input, weights and bias, padding as the layer pads.
-export function stepThrough(m, channel, row, col) {
-  const [cin, ih, iw] = m.input.shape;
-  const [cout, cg, kh, kw] = m.weight.shape;
-  const [, h, w] = m.pre.shape;
-  const first = Math.floor(channel / (cout / m.groups)) * cg;
-  const inputs = [];
-  let sum = 0;
-  for (let k = 0; k < cg; k += 1) {
-    const patch = [];
-    const weights = [];
-    let partial = 0;
-    for (let i = 0; i < kh; i += 1) {
-      for (let j = 0; j < kw; j += 1) {
-        const y = row * m.stride[0] - m.padding[0] + i * m.dilation[0];
-        const x = col * m.stride[1] - m.padding[1] + j * m.dilation[1];
-        const inside = y >= 0 && y < ih && x >= 0 && x < iw;
-        const [sy, sx] = [source(y, ih, m.padding_mode), source(x, iw, m.padding_mode)];
-        const value = sy < 0 || sx < 0 ? 0 : m.input.values[((first + k) * ih + sy) * iw + sx];
-        const weight = m.weight.values[((channel * cg + k) * kh + i) * kw + j];
-        patch.push({ value, inside });
-        weights.push(weight);
-        partial += value * weight;
-      }
-    }
-    sum += partial;
-    inputs.push({ channel: first + k, patch, weights, sum: partial, kh, kw, mode: m.padding_mode });
-  }
-  const at = (channel * h + row) * w + col;
-  return {
-    channel,
-    row,
-    col,
-    inputs,
-    count: cg * kh * kw,
-    sum,
-    bias: m.bias ? m.bias.values[channel] : 0,
-    pre: m.pre.values[at],
-    post: m.post.values[at],
-    cin,
-  };
-}
-
-function grid(title, input, text, className) {
-  const table = document.createElement("table");
-  table.className = `grid ${className}`;
-  const caption = document.createElement("caption");
-  caption.textContent = title;
-  table.append(caption);
-  const body = document.createElement("tbody");
-  for (let i = 0; i < input.kh; i += 1) {
-    const line = document.createElement("tr");
-    for (let j = 0; j < input.kw; j += 1) {
-      const index = i * input.kw + j;
-      const cell = document.createElement("td");
-      cell.textContent = text(index);
-      if (!input.patch[index].inside) {
-        cell.className = "pad";
-        cell.title = `padding (${input.mode})`;
-      }
-      line.append(cell);
-    }
-    body.append(line);
-  }
-  table.append(body);
-  return table;
-}
-
-function channelTables(input) {
-  const group = document.createElement("div");
-  group.className = "step-channel";
-  group.append(
-    grid(`patch, input channel ${input.channel}`, input, (i) => fixed(input.patch[i].value), "patch"),
-    grid("× weights", input, (i) => fixed(input.weights[i]), "weights"),
-    grid("= products", input, (i) => fixed(input.patch[i].value * input.weights[i]), "products"),
-  );
-  const sum = document.createElement("p");
-  sum.className = "partial";
-  sum.textContent = `sum: ${fixed(input.sum, 4)}`;
-  group.append(sum);
-  return group;
 }

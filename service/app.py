@@ -17,7 +17,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 from service import __version__
-from service.api import health, models, predict
+from service.api import explorer, health, models, pages, predict
 from service.api.access import access_middleware
 from service.api.management import management
 from service.api.schemas import Problem
@@ -121,6 +121,10 @@ def create_app(settings: Settings) -> Litestar:
             health.scrape,
             management,
             v2,
+            explorer.maps,
+            pages.index,
+            pages.dashboard,
+            pages.assets,
         ],
         dependencies={"runtime": Provide(lambda: runtime, sync_to_thread=False)},
         lifespan=[lifespan],

@@ -76,13 +76,19 @@ class ActivationRecorder:
 
     With `track_grad`, the recorded output becomes the start of the autograd graph, so a
     gradient can be taken with respect to it alone, with no graph kept for earlier layers.
+    With `keep_input`, the tensor the module received is kept too (`received`), as the module
+    left it: use it on modules that do not work in place, such as a convolution.
     """
 
-    def __init__(self, model: nn.Module, point: ReadPoint, *, track_grad: bool) -> None:
+    def __init__(
+        self, model: nn.Module, point: ReadPoint, *, track_grad: bool, keep_input: bool = False
+    ) -> None:
         self.module = model.get_submodule(point.module_name)
         self.point = point
         self.track_grad = track_grad
+        self.keep_input = keep_input
         self.activation: torch.Tensor | None = None
+        self.received: torch.Tensor | None = None
         self._calls = 0
         self._handle: RemovableHandle | None = None
 
@@ -90,6 +96,8 @@ class ActivationRecorder:
         index, self._calls = self._calls, self._calls + 1
         if index != self.point.call_index or not isinstance(output, torch.Tensor):
             return None
+        if self.keep_input and inputs and isinstance(inputs[0], torch.Tensor):
+            self.received = inputs[0].detach().clone()
         if not self.track_grad:
             self.activation = output.detach().clone()
             return None

@@ -48,8 +48,9 @@ class Engine:
         deadline = time.monotonic() + 60
         while not self.succeeds("version"):
             if self.process.poll() is not None or time.monotonic() > deadline:
+                tail = self.log_tail()
                 self.__exit__(None, None, None)
-                sys.exit(f"dockerd did not start; see its log:\n{self.log_tail()}")
+                sys.exit(f"dockerd did not start; its log:\n{tail}")
             time.sleep(0.5)
         print(f"    dockerd (pid {self.process.pid}) on {self.host}")
         return self
@@ -61,7 +62,7 @@ class Engine:
         tb: TracebackType | None,
     ) -> None:
         if kind is not None:
-            print(f"\n--- dockerd log (last lines) ---\n{self.log_tail()}")
+            print(f"\n--- dockerd log: last warnings and errors ---\n{self.log_tail()}")
         if self.process is not None and self.process.poll() is None:
             for container in self._run(("ps", "--all", "--quiet"), 60).stdout.split():
                 self.succeeds("rm", "--force", container)
@@ -83,8 +84,9 @@ class Engine:
         print("    dockerd stopped; its images, containers and state are removed")
 
     def log_tail(self) -> str:
+        """dockerd's last warnings and errors (its info lines are gRPC chatter)."""
         lines = (self.folder / "dockerd.log").read_text(errors="replace").splitlines()
-        return "\n".join(lines[-25:])
+        return "\n".join([line for line in lines if "level=info" not in line][-15:])
 
     def _run(self, args: tuple[object, ...], timeout: float) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -295,9 +295,13 @@ def check_compose(engine: Engine, tmp: Path) -> None:
             expr = adapter_query(rule, 'job="convserve"', "instance")
             rows = query(prometheus, expr)
             expect(len(rows) == 1, f"Prometheus adapter query {expr}: {rows}")
-        groups = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
-        rules = {r["name"]: r["health"] for g in groups for r in g["rules"]}
-        expect(len(rules) >= 6 and set(rules.values()) == {"ok"}, f"alert rules loaded: {rules}")
+
+        def rules_healthy() -> dict[str, str] | None:  # "unknown" until first evaluated
+            groups = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+            rules = {r["name"]: r["health"] for g in groups for r in g["rules"]}
+            return rules if len(rules) >= 6 and set(rules.values()) == {"ok"} else None
+
+        wait_for("alert rules loaded and evaluated, all healthy", rules_healthy, 60)
     print("    grafana: not started (no Grafana image can be had here);")
     print("    its provisioning is checked statically by tests/test_deploy_image.py")
 

@@ -27,21 +27,10 @@ import httpx
 import yaml
 
 from tests.docker_engine import Engine, step
+from tests.docker_inputs import DOCKER, base_tarball, fill_wheelhouse, install_packages
 from tests.manifests import adapter_query, adapter_rules
 from tests.support import ROOT, free_port, held_out_digits, metric_value, png_bytes
 
-DOCKER = Path("/usr/bin/docker")  # Debian's client, the daemon's own version
-PACKAGES = {
-    "dockerd": "docker.io",
-    "docker-compose": "docker-compose",
-    "debootstrap": "debootstrap",
-}
-SUITE = "bookworm"  # python3 is 3.11 there, as in python:3.11-slim
-BASE_PACKAGES = "python3,python3-venv,ca-certificates"
-MIRROR = os.environ.get("CONVSERVE_DEBIAN_MIRROR", "http://deb.debian.org/debian")
-TORCH = os.environ.get("CONVSERVE_WHEELHOUSE_TORCH", "torch==2.13.0+cpu")
-CACHE = ROOT / ".docker-cache"
-WHEELHOUSE = ROOT / "docker" / "wheelhouse"
 BASE_IMAGE, IMAGE = "convserve-base:bookworm", "convserve:docker-test"
 PROMETHEUS_IMAGE = "convserve-test/prometheus:debian"
 STOP_TIMEOUT_S = 40  # CONVSERVE_DRAIN_S (30) + margin, as compose's stop_grace_period
@@ -53,61 +42,6 @@ RUN mkdir /prometheus && chown 65534:65534 /prometheus
 USER 65534:65534
 ENTRYPOINT ["/bin/prometheus"]
 """
-
-
-def install_packages() -> None:
-    missing = sorted({pkg for cmd, pkg in PACKAGES.items() if not shutil.which(cmd)})
-    if not DOCKER.exists():
-        missing = sorted({*missing, "docker.io"})
-    if not missing:
-        print("    docker.io, docker-compose, debootstrap already installed")
-        return
-    if os.geteuid() != 0:
-        sys.exit(f"needs root to install {' '.join(missing)} (apt-get)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
-    subprocess.run(install, check=True, env=env)
-
-
-def base_tarball(tmp: Path) -> Path:
-    """A minbase Debian root filesystem with Python, made once and kept in .docker-cache/."""
-    tarball = CACHE / f"debian-{SUITE}-minbase-python3.tar"
-    if tarball.exists():
-        print(f"    cached: {tarball.relative_to(ROOT)}")
-        return tarball
-    rootfs = tmp / "rootfs"
-    subprocess.run(
-        ["debootstrap", "--variant=minbase", f"--include={BASE_PACKAGES}", SUITE, rootfs, MIRROR],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    for junk in ("var/cache/apt", "var/lib/apt/lists", "usr/share/doc", "usr/share/man"):
-        shutil.rmtree(rootfs / junk, ignore_errors=True)
-    CACHE.mkdir(exist_ok=True)
-    partial = tarball.with_suffix(".partial")
-    subprocess.run(["tar", "--numeric-owner", "-C", rootfs, "-cf", partial, "."], check=True)
-    partial.rename(tarball)
-    shutil.rmtree(rootfs)
-    return tarball
-
-
-def fill_wheelhouse() -> None:
-    """Every wheel the image installs, from the host's pip (its find-links hold torch CPU)."""
-    for wheel in WHEELHOUSE.glob("*.whl"):
-        wheel.unlink()
-    pip = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:"]
-    result = subprocess.run(
-        [*pip, "--dest", WHEELHOUSE, ROOT, TORCH, "setuptools>=69"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode:
-        sys.exit(f"pip download failed:\n{result.stdout}{result.stderr}")
-    wheels = sorted(WHEELHOUSE.glob("*.whl"))
-    size = sum(w.stat().st_size for w in wheels) / 2**20
-    print(f"    {len(wheels)} wheels, {size:.0f} MiB, {TORCH}")
 
 
 def wait_for(what: str, check: Callable[[], object], timeout: float, every: float = 0.5) -> object:

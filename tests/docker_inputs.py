@@ -66,10 +66,15 @@ def base_tarball(tmp: Path) -> Path:
     return tarball
 
 
-def fill_wheelhouse() -> None:
-    """Every wheel the image installs, from the host's pip (its find-links hold torch CPU)."""
+def empty_wheelhouse() -> None:
+    """Left full, the wheelhouse would also be all a later `docker build` installs from."""
     for wheel in WHEELHOUSE.glob("*.whl"):
         wheel.unlink()
+
+
+def fill_wheelhouse() -> None:
+    """Every wheel the image installs, from the host's pip (its find-links hold torch CPU)."""
+    empty_wheelhouse()
     pip = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:"]
     result = subprocess.run(
         [*pip, "--dest", WHEELHOUSE, ROOT, TORCH, "setuptools>=69"],
@@ -78,7 +83,12 @@ def fill_wheelhouse() -> None:
         check=False,
     )
     if result.returncode:
-        sys.exit(f"pip download failed:\n{result.stdout}{result.stderr}")
+        hint = (
+            f"{TORCH} comes from this machine's pip find-links; elsewhere set"
+            " PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu or"
+            " CONVSERVE_WHEELHOUSE_TORCH to a torch release your index has"
+        )
+        sys.exit(f"pip download failed ({hint}):\n{result.stdout}{result.stderr}")
     wheels = sorted(WHEELHOUSE.glob("*.whl"))
     size = sum(w.stat().st_size for w in wheels) / 2**20
     print(f"    {len(wheels)} wheels, {size:.0f} MiB, {TORCH}")

@@ -27,7 +27,13 @@ import httpx
 import yaml
 
 from tests.docker_engine import Engine, step
-from tests.docker_inputs import DOCKER, base_tarball, fill_wheelhouse, install_packages
+from tests.docker_inputs import (
+    DOCKER,
+    base_tarball,
+    empty_wheelhouse,
+    fill_wheelhouse,
+    install_packages,
+)
 from tests.manifests import adapter_query, adapter_rules
 from tests.support import ROOT, free_port, held_out_digits, metric_value, png_bytes
 
@@ -248,13 +254,16 @@ def main() -> None:
         tmp = Path(name)
         with step("base image rootfs (debootstrap --variant=minbase)"):
             tarball = base_tarball(tmp)
-        with step("wheelhouse (pip download on the host)"):
-            fill_wheelhouse()
         with Engine(DOCKER, tmp / "engine") as engine:
             with step("docker import"):
                 engine.docker("import", tarball, BASE_IMAGE)
+            with step("wheelhouse (pip download on the host)"):
+                fill_wheelhouse()
             with step("docker build (no network)"):
-                engine.build(ROOT, IMAGE, {"BASE_IMAGE": BASE_IMAGE, "EXTRAS": ""})
+                try:
+                    engine.build(ROOT, IMAGE, {"BASE_IMAGE": BASE_IMAGE, "EXTRAS": ""})
+                finally:
+                    empty_wheelhouse()
             sizes = {image: engine.size(image) for image in (BASE_IMAGE, IMAGE)}
             for image, size in sizes.items():
                 print(f"    {image}: {size / 1e6:.0f} MB")

@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CRDS := tests/crds/node_modules/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .DEFAULT_GOAL := help
@@ -17,12 +18,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Schemas for the Kubernetes custom resources (ServiceMonitor) the deploy tests validate.
+$(CRDS): tests/crds/package-lock.json
+	npm ci --prefix tests/crds --no-audit --no-fund --loglevel=error
+	touch $(CRDS)
+
 venv: $(STAMP) ## create .venv/ and install convserve with its dev tools
 
 serve: $(STAMP) ## serve the bundled models on http://127.0.0.1:8000
 	$(BIN)/convserve serve
 
-test: $(STAMP) lint typecheck ## lint, typecheck and run the whole test suite
+test: $(STAMP) $(CRDS) lint typecheck ## lint, typecheck and run the whole test suite
 	$(BIN)/python -m pytest
 
 lint: $(STAMP) ## ruff lint + format check
@@ -44,9 +50,14 @@ fuzz: $(STAMP) ## fuzz the image decode path for ten minutes (atheris); crashes 
 
 soak: $(STAMP) ## 20,000 mixed requests; fails if the server's memory grows past the bound
 	$(BIN)/python -m benchmarks.soak
+docker: ## build the image convserve:latest (TORCH_FLAVOUR=cuda for the CUDA build)
+	docker build --build-arg TORCH_FLAVOUR=$(or $(TORCH_FLAVOUR),cpu) --tag convserve:latest .
+
+docker-test: $(STAMP) ## build and run the image and compose stack on a private Docker engine (root)
+	$(BIN)/python -m tests.docker_run
 
 models: $(STAMP) ## retrain the bundled models (digits, lenet5) into new store versions
 	$(BIN)/convserve train --arch small_cnn --name digits --epochs 12
 	$(BIN)/convserve train --arch lenet5 --name lenet5 --epochs 12
 
-.PHONY: help venv serve test lint typecheck fmt fuzz soak models
+.PHONY: help venv serve test lint typecheck fmt fuzz soak models docker docker-test

@@ -23,6 +23,7 @@ from service import metrics
 from service.batching import Batcher
 from service.classifier import Classifier
 from service.config import Settings
+from service.engines import select_engine
 from service.errors import (
     ConflictError,
     InvalidParameterError,
@@ -166,6 +167,19 @@ class Catalog:
         """Runs on the loader thread: verify, load, warm up at every batch size it will serve."""
         started = time.perf_counter()
         classifier = self.store.load(name, version, self.device)
+        policy = classifier.spec.engine or self.settings.engine
+        if self.device.type != "cpu":
+            policy = "torch"  # the ONNX engine here is ONNX Runtime's CPU provider
+        classifier.engine = select_engine(
+            classifier.module,
+            classifier.torch_engine,
+            classifier.input_shape,
+            self.store.path(name, version),
+            classifier.spec.sha256,
+            policy,
+            self.settings.threads,
+            min(8, self._batch_size(classifier)),
+        )
         if self.settings.warmup:
             warm_up_decoding(classifier.spec.input)
             classifier.warm_up(warm_up_sizes(self._batch_size(classifier)))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from service.anatomy import Anatomy
+from service.engines import Engine, TorchEngine
 from service.errors import LayerNotFoundError
 from service.heatmaps import ReadPoint, activation_map, grad_cam
 from service.spec import ModelSpec
@@ -48,6 +49,8 @@ class Classifier:
         self.anatomy = anatomy
         self.layers = layers
         self.warnings = warnings
+        self.torch_engine = TorchEngine(module, device)
+        self.engine: Engine = self.torch_engine  # what plain predictions run on
 
     @property
     def labels(self) -> list[str]:
@@ -67,10 +70,12 @@ class Classifier:
 
     def predict(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         """Softmax probabilities (N, classes), computed once over raw logits."""
-        batch = self.to_batch(arrays)
-        with torch.inference_mode():
-            logits = self.module(batch)
-            return torch.softmax(logits.float(), dim=1).cpu().numpy()
+        logits = self.engine.logits(np.stack(arrays))  # (N, classes)
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities: np.ndarray = (shifted / shifted.sum(axis=1, keepdims=True)).astype(
+            np.float32
+        )
+        return probabilities
 
     def read_point(self, layer: str | None) -> ReadPoint:
         name = layer or self.spec.heatmap_layer
@@ -104,6 +109,7 @@ class Classifier:
     def release(self) -> None:
         """Drop the weights; called once the version no longer serves anything."""
         self.module = nn.Module()
+        self.torch_engine = self.engine = TorchEngine(self.module, self.device)
         self.layers = {}
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:

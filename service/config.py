@@ -93,7 +93,7 @@ class Settings:
     watch: bool = False
     watch_interval_s: float = 2.0
     warmup: bool = True
-    engine: str = "torch"
+    engine: str = "auto"
     threads: int | None = None
     decode_threads: int = 4
     drain_s: float = 30.0
@@ -176,7 +176,7 @@ HELP: dict[str, str] = {
     "watch": "load new versions that appear in the store",
     "watch_interval_s": "how often the store is scanned when watching",
     "warmup": "run every served batch size once before a version takes traffic",
-    "engine": "auto | torch | onnxruntime",
+    "engine": "auto (the faster, measured at load) | torch | onnxruntime",
     "threads": "torch intra-op threads (default: torch's choice)",
     "decode_threads": "threads that decode and preprocess images",
     "drain_s": "longest graceful shutdown waits for admitted requests",

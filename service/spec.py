@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,6 +53,15 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     created: str
     batching: BatchingOverrides | None = None
     description: str = ""
+    engine: Literal["auto", "torch", "onnxruntime"] | None = None  # None: CONVSERVE_ENGINE
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def now_iso() -> str:

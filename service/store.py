@@ -6,7 +6,7 @@ reason a user can act on, and never stops other models from loading.
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import re
 import shutil
 import tempfile
@@ -19,6 +19,7 @@ from torch import nn
 
 from service.anatomy import describe, trace
 from service.classifier import Classifier
+from service.engines import write_onnx
 from service.errors import (
     ArchitectureError,
     ModelLoadError,
@@ -27,8 +28,9 @@ from service.errors import (
 )
 from service.heatmaps import heatmap_layers
 from service.registry import build_model
-from service.spec import InputSpec, ModelSpec, encode_spec, read_spec
+from service.spec import InputSpec, ModelSpec, encode_spec, read_spec, sha256_file
 
+log = logging.getLogger("convserve.store")
 SPEC_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -42,14 +44,6 @@ def check_name(name: str) -> str:
             f"{name!r} is not a valid model name (letters, digits, '_' and '-', at most 64)"
         )
     return name
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class ModelStore:
@@ -95,8 +89,13 @@ class ModelStore:
             state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
             save_file(state, str(weights))
             spec = msgspec.structs.replace(spec, sha256=sha256_file(weights))
-            (staging / SPEC_FILE).write_bytes(encode_spec(spec))
-            for path in (weights, staging / SPEC_FILE):
+            shape = (spec.input.channels, spec.input.height, spec.input.width)
+            try:  # the ONNX Runtime engine's file, exported now so loading need not
+                write_onnx(module, shape, staging, spec.sha256)
+            except Exception as exc:  # the torch engine serves without it
+                log.warning("no ONNX export for %s: %s", name, exc)
+            (staging / SPEC_FILE).write_bytes(encode_spec(spec))  # last: marks it complete
+            for path in staging.iterdir():
                 path.chmod(0o644)
             staging.chmod(0o755)  # mkdtemp makes it private; served stores are read by others
             version = max(self.versions(name), default=0) + 1

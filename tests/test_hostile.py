@@ -16,7 +16,8 @@ import pytest
 
 from service.cli import main
 from service.errors import ModelLoadError
-from service.store import ModelStore, sha256_file
+from service.spec import sha256_file
+from service.store import ModelStore
 from tests.data.make_corpus import HERE as CORPUS
 from tests.data.make_corpus import cases
 from tests.support import BUNDLED_STORE, held_out_digits, png_bytes, running_server

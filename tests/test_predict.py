@@ -314,7 +314,8 @@ async def test_a_failing_image_fails_alone(tmp_path: Path) -> None:
     bright = Image.new("L", (28, 28), 0)
     bright.paste(255, (1, 1, 27, 27))
     digits = held_out_digits(31)
-    async with ready_client(Settings.from_env({"CONVSERVE_STORE": str(store)})) as client:
+    settings = Settings.from_env({"CONVSERVE_STORE": str(store), "CONVSERVE_ENGINE": "torch"})
+    async with ready_client(settings) as client:
         bodies = [png_bytes(d.image) for d in digits[:15]] + [png_bytes(bright)]
         bodies += [png_bytes(d.image) for d in digits[15:]]
         responses = await asyncio.gather(

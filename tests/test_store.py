@@ -22,8 +22,8 @@ from service.registry import (
     build_model,
     register_architecture,
 )
-from service.spec import InputSpec, ModelSpec, now_iso
-from service.store import ModelStore, sha256_file
+from service.spec import InputSpec, ModelSpec, now_iso, sha256_file
+from service.store import ModelStore
 
 CPU = torch.device("cpu")
 
@@ -95,7 +95,12 @@ def test_round_trip_gives_the_same_outputs(tmp_path: Path) -> None:
     assert store.names() == ["m"]
     assert store.versions("m") == [1, 2]
     folder = tmp_path / "m" / "2"
-    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "weights.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "model.json",
+        "model.onnx",
+        "model.onnx.json",
+        "weights.safetensors",
+    ]
     spec = json.loads((folder / "model.json").read_text())
     assert spec["sha256"] == sha256_file(folder / "weights.safetensors")
     classifier = store.load("m", 2, CPU)

@@ -54,6 +54,7 @@ class VersionStatus(msgspec.Struct, omit_defaults=True):
     status: str  # ready | loading | failed
     architecture: str | None = None
     device: str | None = None
+    engine: str | None = None
     accuracy: float | None = None
     load_seconds: float | None = None
     loaded_at: str | None = None
@@ -118,6 +119,7 @@ class ModelCard(msgspec.Struct):
     created: str
     sha256: str
     device: str
+    engine: str  # what plain predictions run on; heatmaps always use torch
     labels: list[str]
     input: dict[str, Any]
     metrics: dict[str, Any]

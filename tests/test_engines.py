@@ -1,0 +1,118 @@
+"""The ONNX Runtime engine: stored beside the weights, verified against torch before it serves,
+chosen by policy or by measurement, and never trusted when it disagrees."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+
+from service.config import Settings
+from service.engines import (
+    ONNX_FILE,
+    ONNX_META,
+    OnnxEngine,
+    OnnxMeta,
+    check_agreement,
+    ensure_onnx,
+    select_engine,
+)
+from service.importing import import_torchvision
+from service.spec import sha256_file
+from service.store import ModelStore
+from tests.conftest import ready_client
+from tests.support import BUNDLED_STORE, held_out_digits, png_bytes
+
+pytestmark = pytest.mark.anyio
+CPU = torch.device("cpu")
+
+
+def copy_digits(tmp_path: Path) -> ModelStore:
+    shutil.copytree(BUNDLED_STORE / "digits", tmp_path / "digits")
+    return ModelStore(tmp_path)
+
+
+def test_bundled_models_ship_a_verified_onnx_file() -> None:
+    store = ModelStore(BUNDLED_STORE)
+    for name in store.names():
+        folder = store.path(name, 1)
+        meta = msgspec.json.decode((folder / ONNX_META).read_bytes(), type=OnnxMeta)
+        assert meta.sha256 == sha256_file(folder / ONNX_FILE)
+        classifier = store.load(name, 1, CPU)
+        assert meta.weights_sha256 == classifier.spec.sha256
+        onnx = OnnxEngine(folder / ONNX_FILE, None)
+        assert check_agreement(onnx, classifier.torch_engine, classifier.input_shape) < 1e-4
+
+
+def test_train_and_import_write_the_onnx_file(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    import_torchvision(store, "resnet18", "resnet18", weights=None)
+    folder = store.path("resnet18", 1)
+    assert (folder / ONNX_FILE).is_file()
+    classifier = store.load("resnet18", 1, CPU)
+    onnx = OnnxEngine(folder / ONNX_FILE, None)
+    assert check_agreement(onnx, classifier.torch_engine, classifier.input_shape) < 1e-4
+
+
+def test_stale_or_missing_exports_are_redone(tmp_path: Path) -> None:
+    store = copy_digits(tmp_path)
+    folder = store.path("digits", 1)
+    classifier = store.load("digits", 1, CPU)
+    (folder / ONNX_FILE).write_bytes(b"tampered")  # no longer matches its recorded hash
+    path = ensure_onnx(classifier.module, classifier.input_shape, folder, classifier.spec.sha256)
+    assert path == folder / ONNX_FILE
+    meta = msgspec.json.decode((folder / ONNX_META).read_bytes(), type=OnnxMeta)
+    assert meta.sha256 == sha256_file(path)
+    (folder / ONNX_FILE).unlink()
+    (folder / ONNX_META).unlink()
+    folder.chmod(0o555)  # a read-only store (a container mount): the export goes to the cache
+    try:
+        cached = ensure_onnx(
+            classifier.module, classifier.input_shape, folder, classifier.spec.sha256
+        )
+    finally:
+        folder.chmod(0o755)
+    if cached.parent != folder:  # root may write anyway; then it was written in place
+        assert cached.parent.name == classifier.spec.sha256
+    assert cached.is_file()
+
+
+def test_policies_and_a_disagreeing_export(tmp_path: Path) -> None:
+    store = copy_digits(tmp_path)
+    folder = store.path("digits", 1)
+    classifier = store.load("digits", 1, CPU)
+    args = (classifier.module, classifier.torch_engine, classifier.input_shape, folder,
+            classifier.spec.sha256)  # fmt: skip
+    assert select_engine(*args, "torch", None, 8).name == "torch"
+    assert select_engine(*args, "onnxruntime", None, 8).name == "onnxruntime"
+    assert select_engine(*args, "auto", None, 8).name in {"torch", "onnxruntime"}
+    # an ONNX file of another network, with a sidecar that vouches for it: numbers decide
+    lenet = BUNDLED_STORE / "lenet5" / "1" / ONNX_FILE
+    shutil.copy(lenet, folder / ONNX_FILE)
+    meta = OnnxMeta(sha256_file(folder / ONNX_FILE), classifier.spec.sha256, 18, "test")
+    (folder / ONNX_META).write_bytes(msgspec.json.encode(meta))
+    assert select_engine(*args, "onnxruntime", None, 8).name == "torch"
+
+
+async def test_both_engines_answer_alike_over_http(tmp_path: Path) -> None:
+    digits = held_out_digits(16)
+    files = [("file", (f"{i}.png", png_bytes(d.image), "image/png")) for i, d in enumerate(digits)]
+    answers = {}
+    for engine in ("torch", "onnxruntime"):
+        env = {"CONVSERVE_STORE": str(BUNDLED_STORE), "CONVSERVE_ENGINE": engine}
+        async with ready_client(Settings.from_env(env)) as client:
+            card = (await client.get("/models/digits")).json()
+            assert card["engine"] == engine
+            status = (await client.get("/models")).json()["models"][0]["versions"][0]
+            assert status["engine"] == engine
+            response = await client.post("/predict?top_k=10", files=files)
+            answers[engine] = np.array([
+                [p["probability"] for p in sorted(r["predictions"], key=lambda p: p["class_index"])]
+                for r in response.json()["results"]
+            ])  # fmt: skip
+    np.testing.assert_allclose(answers["torch"], answers["onnxruntime"], atol=1e-5)
+    assert (answers["torch"].argmax(1) == [d.label for d in digits]).mean() > 0.9

@@ -95,7 +95,7 @@ class Settings:
     warmup: bool = True
     engine: str = "auto"
     threads: int | None = None
-    decode_threads: int = 4
+    decode_threads: int = min(4, os.cpu_count() or 2)
     drain_s: float = 30.0
     drain_delay_s: float = 1.0
 

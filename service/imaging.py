@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass
 
@@ -76,11 +77,11 @@ def decode_image(data: bytes, max_pixels: int, draft: tuple[str, int] | None = N
         image.load()
     except Exception as exc:
         raise InvalidImageError(f"the image data is corrupt or truncated: {exc}") from None
-    try:
-        oriented = ImageOps.exif_transpose(image)
-    except Exception:  # a broken EXIF block should not cost the user their prediction
-        oriented = image
-    return oriented
+    # in place: without an Orientation tag the copying variant would copy every image; a
+    # broken EXIF block should not cost the user their prediction
+    with contextlib.suppress(Exception):
+        ImageOps.exif_transpose(image, in_place=True)
+    return image
 
 
 def _sixteen_to_eight(image: Image.Image) -> Image.Image:
@@ -124,15 +125,19 @@ def crop_box(size: tuple[int, int], spec: InputSpec) -> Box:
     return (left, top, left + crop_w, top + crop_h)
 
 
-def _normalize(image: Image.Image, spec: InputSpec) -> np.ndarray:
-    array = np.asarray(image, dtype=np.float32) * (1.0 / 255.0)
-    if array.ndim == 2:
-        array = array[:, :, None]
+def _normalize(image: Image.Image, spec: InputSpec, invert: bool) -> np.ndarray:
+    """(pixel / 255 - mean) / std as one multiply-add per pixel; `invert` uses 255 - pixel."""
+    pixels = np.asarray(image, dtype=np.float32)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
     if spec.channel_order == "BGR":
-        array = array[:, :, ::-1]
-    mean = np.asarray(spec.mean, dtype=np.float32)
+        pixels = pixels[:, :, ::-1]
     std = np.asarray(spec.std, dtype=np.float32)
-    return np.ascontiguousarray(((array - mean) / std).transpose(2, 0, 1))  # (C, H, W)
+    scale = 1.0 / (255.0 * std)
+    offset = -np.asarray(spec.mean, dtype=np.float32) / std
+    if invert:
+        scale, offset = -scale, offset + 255.0 * scale
+    return np.ascontiguousarray((pixels * scale + offset).transpose(2, 0, 1))  # (C, H, W)
 
 
 def _display(image: Image.Image) -> Image.Image:
@@ -169,14 +174,14 @@ def prepare_image(
     model_input = visible.convert(mode).resize(
         (spec.width, spec.height), _RESAMPLE[spec.interpolation], box=box
     )
+    invert = False
     if spec.invert == "auto" and mode == "L":
         pixels = np.asarray(model_input)
         border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-        if border.mean() > 127:
-            model_input = ImageOps.invert(model_input)
+        invert = bool(border.mean() > 127)
     display = None
     if keep_display:
         display = _display(visible)
         scale = display.width / visible.width
         box = (box[0] * scale, box[1] * scale, box[2] * scale, box[3] * scale)
-    return PreparedImage(array=_normalize(model_input, spec), display=display, box=box)
+    return PreparedImage(array=_normalize(model_input, spec, invert), display=display, box=box)

@@ -48,6 +48,10 @@ fuzz: $(STAMP) ## fuzz the image decode path for ten minutes (atheris); crashes 
 	$(BIN)/python tests/fuzz_decode.py artifacts/fuzz-corpus -max_total_time=600 \
 		-rss_limit_mb=4096 -artifact_prefix=artifacts/
 
+bench: $(STAMP) ## benchmark against the in-process limit, a naive server and peers (about 30 min)
+	command -v hey >/dev/null || (apt-get update -q && apt-get install -y -q hey)
+	$(BIN)/python -m benchmarks.driver
+
 soak: $(STAMP) ## 20,000 mixed requests; fails if the server's memory grows past the bound
 	$(BIN)/python -m benchmarks.soak
 docker: ## build the image convserve:latest (TORCH_FLAVOUR=cuda for the CUDA build)
@@ -60,4 +64,4 @@ models: $(STAMP) ## retrain the bundled models (digits, lenet5) into new store v
 	$(BIN)/convserve train --arch small_cnn --name digits --epochs 12
 	$(BIN)/convserve train --arch lenet5 --name lenet5 --epochs 12
 
-.PHONY: help venv serve test lint typecheck fmt fuzz soak models docker docker-test
+.PHONY: help venv serve test lint typecheck fmt bench fuzz soak models docker docker-test

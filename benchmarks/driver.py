@@ -16,9 +16,11 @@ Writes benchmarks/results/bench.json and bench.md, and plots to docs/images/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -167,17 +169,37 @@ def inprocess(model: Model, report: Report) -> None:
 # ---- servers --------------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time of a process and all its descendants (uvicorn workers included)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    total = (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+def process_tree(pid: int) -> list[int]:
+    """A process and all its live descendants (uvicorn workers, a peer's workers, a JVM)."""
+    found = [pid]
     for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        for child in task.read_text().split():
-            total += cpu_seconds(int(child))
-    return total
+        try:
+            children = task.read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            found += process_tree(int(child))
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process tree."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICKS
+
+
+def pause(pid: int, paused: bool) -> None:
+    """SIGSTOP / SIGCONT a whole process tree: an idle server polling its queues (LitServe
+    spends 0.07 cores doing nothing) must not take CPU from the one being measured."""
+    for member in process_tree(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGSTOP if paused else signal.SIGCONT)
 
 
 HEY = re.compile(r"Requests/sec:\s+([\d.]+)")
@@ -246,11 +268,15 @@ class Target:
         self.server.wait_ready()
         self.url = f"{self.server.url}/models/{self.model.name}/predict"
 
-    def cpu(self) -> float:
+    @property
+    def pid(self) -> int:
         if self.peer is not None:
-            return self.peer.cpu_seconds()
+            return self.peer.process.pid
         assert self.server is not None
-        return cpu_seconds(self.server.process.pid)
+        return self.server.process.pid
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
 
     def batches(self) -> tuple[float, float] | None:
         if self.peer is not None:
@@ -322,12 +348,16 @@ def load_runs(targets: list[Target], body_file: Path, clients: list[int], second
     samples: dict[tuple[str, int], list[Sample]] = {}
     for round_ in range(rounds):
         for target in targets:
+            for other in targets:
+                pause(other.pid, other is not target)
             for count in clients:
                 sample = measure(target, body_file, count, seconds)
                 samples.setdefault((target.name, count), []).append(sample)
                 print(f"  round {round_ + 1} {target.name:16} {target.model.name:9} c={count:<3} "
                       f"{sample.rate:8.1f} req/s  p50 {sample.p50:7.1f}  p99 {sample.p99:7.1f} ms",
                       flush=True)  # fmt: skip
+    for target in targets:
+        pause(target.pid, False)
     for target in targets:
         for count in clients:
             row = summarize(target, count, samples[(target.name, count)])
@@ -564,6 +594,8 @@ def main() -> None:
                 load_runs(targets, body_file, args.concurrency, args.duration, args.rounds, report)
             finally:
                 for target in targets:
+                    with contextlib.suppress(AssertionError):
+                        pause(target.pid, False)  # a stopped process cannot take SIGTERM
                     target.stop()
             if model.name in ("digits", "resnet18"):
                 heatmap_ratio(model, report)

@@ -94,8 +94,14 @@ class Batcher:
         self._closed = False
         self._worker: asyncio.Task[None] | None = None
         self._labels = (classifier.name, str(classifier.version))
+        # the labelled series this batcher updates on every batch, looked up once
+        self._depth = metrics.QUEUE_DEPTH.labels(*self._labels)
+        self._wait = metrics.QUEUE_WAIT.labels(*self._labels)
+        self._batch_size = metrics.BATCH_SIZE.labels(*self._labels)
+        self._images = metrics.IMAGES.labels(*self._labels)
+        self._top = metrics.TOP_PROBABILITY.labels(*self._labels)
         metrics.QUEUE_CAPACITY.labels(*self._labels).set(max_queue)
-        metrics.QUEUE_DEPTH.labels(*self._labels).set(0)
+        self._depth.set(0)
         for reason in metrics.REJECT_REASONS:  # series exist from the start, at zero
             metrics.REJECTED.labels(self._labels[0], reason)
 
@@ -142,7 +148,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         jobs = [Job(array, loop.create_future(), deadline, task, target) for array in arrays]
         self._queue.extend(jobs)
-        metrics.QUEUE_DEPTH.labels(*self._labels).set(len(self._queue))
+        self._depth.set(len(self._queue))
         self._wake.set()
         return jobs
 
@@ -194,7 +200,7 @@ class Batcher:
             else:
                 kept.append(job)
         self._queue = kept
-        metrics.QUEUE_DEPTH.labels(*self._labels).set(len(self._queue))
+        self._depth.set(len(self._queue))
         return batch
 
     async def _run(self) -> None:
@@ -233,7 +239,7 @@ class Batcher:
         started = time.monotonic()
         size = len(batch)
         for job in batch:
-            metrics.QUEUE_WAIT.labels(*self._labels).observe(started - job.arrived)
+            self._wait.observe(started - job.arrived)
         task = batch[0].task
         arrays = [job.array for job in batch]
         try:
@@ -264,12 +270,10 @@ class Batcher:
         elapsed = time.monotonic() - started
         kind = "predict" if task is None else task[0]
         metrics.INFERENCE.labels(*self._labels, kind).observe(elapsed)
-        metrics.BATCH_SIZE.labels(*self._labels).observe(size)
-        metrics.IMAGES.labels(*self._labels).inc(size)
+        self._batch_size.observe(size)
+        self._images.inc(size)
         for outcome in outcomes:
-            metrics.TOP_PROBABILITY.labels(*self._labels).observe(
-                float(outcome.probabilities.max())
-            )
+            self._top.observe(float(outcome.probabilities.max()))
         return outcomes
 
     async def drain(self) -> None:
@@ -288,4 +292,4 @@ class Batcher:
             if not job.future.done():
                 job.future.set_exception(ShuttingDownError("the model was unloaded"))
         self._queue.clear()
-        metrics.QUEUE_DEPTH.labels(*self._labels).set(0)
+        self._depth.set(0)

@@ -171,9 +171,9 @@ def prepare_image(
     decoded = decode_image(data, max_pixels, None if keep_display else (mode, side))
     visible = to_visible(decoded)
     box = crop_box(visible.size, spec)
-    model_input = visible.convert(mode).resize(
-        (spec.width, spec.height), _RESAMPLE[spec.interpolation], box=box
-    )
+    # convert() to the same mode would copy the image for nothing
+    source = visible if visible.mode == mode else visible.convert(mode)
+    model_input = source.resize((spec.width, spec.height), _RESAMPLE[spec.interpolation], box=box)
     invert = False
     if spec.invert == "auto" and mode == "L":
         pixels = np.asarray(model_input)

@@ -34,8 +34,17 @@ def _check_positive(name: str, value: int) -> None:
         raise ArchitectureError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _stage_size(size: tuple[int, int], stages: list[tuple[str, int, int, int]]) -> tuple[int, int]:
-    """Walk (layer, kernel, stride, padding) stages; refuse sizes that collapse to zero."""
+def _feature_size(
+    in_channels: int,
+    input_size: int | tuple[int, int] | list[int],
+    num_classes: int,
+    stages: list[tuple[str, int, int, int]],
+) -> tuple[int, int]:
+    """Check the arguments, then walk (layer, kernel, stride, padding) stages to the size the
+    fully connected part sees; refuse inputs that collapse to zero on the way."""
+    _check_positive("in_channels", in_channels)
+    _check_positive("num_classes", num_classes)
+    size = _pair(input_size)
     h, w = size
     for layer, kernel, stride, padding in stages:
         h = conv_output_size(h, kernel, stride, padding)
@@ -58,12 +67,8 @@ class SmallCNN(nn.Module):
         num_classes: int = 10,
     ) -> None:
         super().__init__()
-        _check_positive("in_channels", in_channels)
-        _check_positive("num_classes", num_classes)
-        size = _pair(input_size)
-        h, w = _stage_size(
-            size, [("conv1", 3, 1, 1), ("pool1", 2, 2, 0), ("conv2", 3, 1, 1), ("pool2", 2, 2, 0)]
-        )
+        stages = [("conv1", 3, 1, 1), ("pool1", 2, 2, 0), ("conv2", 3, 1, 1), ("pool2", 2, 2, 0)]
+        h, w = _feature_size(in_channels, input_size, num_classes, stages)
         self.conv1 = nn.Conv2d(in_channels, 32, kernel_size=3, padding=1)
         self.relu1 = nn.ReLU()
         self.pool1 = nn.MaxPool2d(2)
@@ -92,12 +97,8 @@ class LeNet5(nn.Module):
         num_classes: int = 10,
     ) -> None:
         super().__init__()
-        _check_positive("in_channels", in_channels)
-        _check_positive("num_classes", num_classes)
-        size = _pair(input_size)
-        h, w = _stage_size(
-            size, [("conv1", 5, 1, 2), ("pool1", 2, 2, 0), ("conv2", 5, 1, 0), ("pool2", 2, 2, 0)]
-        )
+        stages = [("conv1", 5, 1, 2), ("pool1", 2, 2, 0), ("conv2", 5, 1, 0), ("pool2", 2, 2, 0)]
+        h, w = _feature_size(in_channels, input_size, num_classes, stages)
         self.conv1 = nn.Conv2d(in_channels, 6, kernel_size=5, padding=2)
         self.relu1 = nn.ReLU()
         self.pool1 = nn.MaxPool2d(2)

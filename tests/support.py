@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -162,3 +163,20 @@ def encodings(picture: Image.Image) -> dict[str, tuple[str, bytes]]:
         "tiff": ("image/tiff", png_bytes(picture, "TIFF")),
         "octet-stream": ("application/octet-stream", png_bytes(picture)),
     }
+
+
+def exchange(url: str, raw: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes on one connection; read until the server closes it or goes quiet."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
+        sock.sendall(raw)
+        received = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            received += chunk
+    return received

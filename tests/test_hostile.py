@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import pickle
-import socket
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -20,7 +18,7 @@ from service.spec import sha256_file
 from service.store import ModelStore
 from tests.data.make_corpus import HERE as CORPUS
 from tests.data.make_corpus import cases
-from tests.support import BUNDLED_STORE, held_out_digits, png_bytes, running_server
+from tests.support import BUNDLED_STORE, exchange, held_out_digits, png_bytes, running_server
 
 pytestmark = pytest.mark.anyio
 MANIFEST: list[dict[str, Any]] = json.loads((CORPUS / "manifest.json").read_text())
@@ -64,23 +62,6 @@ def test_corpus_matches_its_generator() -> None:
     }
     assert recorded == generated
     assert {p.name for p in CORPUS.iterdir()} == {"manifest.json", *(c["file"] for c in MANIFEST)}
-
-
-def exchange(url: str, raw: bytes, timeout: float = 10.0) -> bytes:
-    """Send raw bytes on one connection; read until the server closes it or goes quiet."""
-    parts = urlsplit(url)
-    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
-        sock.sendall(raw)
-        received = b""
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except TimeoutError:
-                break
-            if not chunk:
-                break
-            received += chunk
-    return received
 
 
 def test_broken_http_framing(tmp_path: Path) -> None:

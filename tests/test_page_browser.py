@@ -116,6 +116,14 @@ def models_loaded(page: Page) -> None:
     page.wait_for_selector("#card-table tbody tr")
 
 
+def lenet_card_shown(page: Page) -> None:
+    """Wait for the lenet5 card itself: the digits card also has a conv1 row."""
+    page.wait_for_function(
+        "() => document.querySelector('#card-facts').textContent.includes('lenet5')"
+    )
+    page.wait_for_selector("#card-table tbody tr >> text=conv1")
+
+
 def image_shown(page: Page, selector: str) -> bool:
     return bool(
         page.eval_on_selector(selector, "img => img.complete && img.naturalWidth > 0 && !!img.src")
@@ -233,16 +241,15 @@ def test_step_through_any_position(open_page: Open, tmp_path: Path) -> None:
     page = open_page("/")
     models_loaded(page)
     page.select_option("#model", "lenet5")
-    page.wait_for_selector("#card-table tbody tr >> text=conv1")
+    lenet_card_shown(page)
     path, label = digit_file(tmp_path, 1)
     upload(page, path, label)
     page.wait_for_selector("#maps .tile >> nth=5")
     assert page.locator("#kernels .tile").count() == 6
     page.click('#maps .tile[data-channel="4"]')
     assert page.get_attribute('#maps .tile[data-channel="4"]', "aria-pressed") == "true"
-    box = page.locator("#step-map").bounding_box()
-    assert box is not None
-    page.mouse.click(box["x"] + box["width"] * 0.02, box["y"] + box["height"] * 0.02)  # a corner
+    # relative to the map itself: Playwright scrolls it into view and waits until it is still
+    page.locator("#step-map").click(position={"x": 3, "y": 3})  # a corner
     assert (page.input_value("#step-row"), page.input_value("#step-col")) == ("0", "0")
     assert page.locator("#step table.patch td.pad").count() == 16  # 5x5, padding 2: 9 inside
     check_step_through(page)
@@ -294,13 +301,13 @@ def test_keyboard_only(open_page: Open, tmp_path: Path) -> None:
                 return
         raise AssertionError(f"Tab never reached {selector}")
 
+    # A listener from the start has Chromium intercept file choosers well before the key press
+    # opens one: turned on only by expect_file_chooser, interception can lose that race.
+    page.on("filechooser", lambda _: None)
     tab_to("#model")
     page.keyboard.press("ArrowDown")
     assert page.input_value("#model") == "lenet5"
-    page.wait_for_selector("#card-table tbody tr >> text=conv1")
-    page.wait_for_function(
-        "() => document.querySelector('#card-facts').textContent.includes('lenet5')"
-    )
+    lenet_card_shown(page)
     tab_to("#file")
     path, label = digit_file(tmp_path, 2)
     with page.expect_file_chooser() as chooser:

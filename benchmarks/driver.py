@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import re
 import signal
@@ -545,9 +546,12 @@ def plot(report: Report) -> list[Path]:
             rows = [r for r in report.load if (r.target, r.model) == (target, model)]
             rows.sort(key=lambda r: r.clients)
             clients = [r.clients for r in rows]
-            left.plot(clients, [r.requests_per_s for r in rows], marker="o", label=target)
-            right.plot(clients, [r.p99_ms for r in rows], marker="o", label=f"{target} p99")
-            right.plot(clients, [r.p50_ms for r in rows], linestyle=":", label=f"{target} p50")
+            (line,) = left.plot(clients, [r.requests_per_s for r in rows], marker="o", label=target)
+            colour = line.get_color()
+            right.plot(clients, [r.p99_ms for r in rows], marker="o", color=colour,
+                       label=f"{target} p99")  # fmt: skip
+            right.plot(clients, [r.p50_ms for r in rows], linestyle=":", color=colour,
+                       label=f"{target} p50")  # fmt: skip
         best, engine, _ = limit(report, model)
         left.axhline(best, color="grey", linestyle="--", label=f"in-process limit ({engine})")
         left.set(title=f"{model}: throughput", xlabel="clients", ylabel="requests/s", **ticks)
@@ -574,7 +578,16 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per sample")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per target")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--replot", action="store_true", help="redraw plots from bench.json")
     args = parser.parse_args()
+    if args.replot:
+        saved = json.loads((RESULTS / "bench.json").read_text())
+        report = Report(
+            saved["machine"], saved["inprocess"], [LoadResult(**r) for r in saved["load"]]
+        )
+        for image in plot(report):
+            print(f"wrote {image}")
+        return
     report = Report(machine())
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

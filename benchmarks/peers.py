@@ -34,7 +34,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,12 +182,15 @@ class RunningPeer:
         self.stop()
 
 
-class Peer(ABC):
+class Peer:
     """A peer server: its venv (created once) and how to start it on a model folder."""
 
     name: str
     framework: tuple[str, ...]  # pip requirements of the server itself, pinned
     batching: str  # how max_batch_size / max_delay_ms map onto the peer's knobs
+    app: str  # its launcher in benchmarks/peers/
+    predict_path: str
+    ready_path: str
 
     @property
     def home(self) -> Path:
@@ -284,7 +286,6 @@ class Peer(ABC):
             "--max-batch-size", str(max_batch_size), "--max-delay-ms", str(max_delay_ms),
         ]  # fmt: skip
 
-    @abstractmethod
     def command(
         self,
         model_dir: Path,
@@ -295,6 +296,17 @@ class Peer(ABC):
         run: Path,
     ) -> tuple[list[str], str, str]:
         """The command line, the predict URL and the readiness URL."""
+        args = self.app_args(model_dir, port, threads, max_batch_size, max_delay_ms)
+        base = f"http://127.0.0.1:{port}"
+        return (
+            [str(self.python), str(APPS / self.app), *args, *self.extra_args(run)],
+            base + self.predict_path,
+            base + self.ready_path,
+        )
+
+    def extra_args(self, run: Path) -> list[str]:
+        """Arguments only this peer's launcher takes."""
+        return []
 
 
 class LitServe(Peer):
@@ -307,23 +319,7 @@ class LitServe(Peer):
         "(workers_per_device=1), one API server process, fast_queue off (ZeroMQ measured no "
         "faster on 2 cores)"
     )
-
-    def command(
-        self,
-        model_dir: Path,
-        port: int,
-        threads: int,
-        max_batch_size: int,
-        max_delay_ms: float,
-        run: Path,
-    ) -> tuple[list[str], str, str]:
-        args = self.app_args(model_dir, port, threads, max_batch_size, max_delay_ms)
-        base = f"http://127.0.0.1:{port}"
-        return (
-            [str(self.python), str(APPS / "litserve_app.py"), *args],
-            f"{base}/predict",
-            f"{base}/health",
-        )
+    app, predict_path, ready_path = "litserve_app.py", "/predict", "/health"
 
 
 class BentoML(Peer):
@@ -334,23 +330,7 @@ class BentoML(Peer):
         "adaptive batching picks the wait itself (no fixed delay knob; max_latency_ms is a "
         "deadline after which requests are rejected, set high so none are); one worker"
     )
-
-    def command(
-        self,
-        model_dir: Path,
-        port: int,
-        threads: int,
-        max_batch_size: int,
-        max_delay_ms: float,
-        run: Path,
-    ) -> tuple[list[str], str, str]:
-        args = self.app_args(model_dir, port, threads, max_batch_size, max_delay_ms)
-        base = f"http://127.0.0.1:{port}"
-        return (
-            [str(self.python), str(APPS / "bentoml_app.py"), *args],
-            f"{base}/predict",
-            f"{base}/readyz",
-        )
+    app, predict_path, ready_path = "bentoml_app.py", "/predict", "/readyz"
 
 
 class TorchServe(Peer):
@@ -362,23 +342,10 @@ class TorchServe(Peer):
         "once a job is taken the frontend waits up to maxBatchDelay for the batch to fill; one "
         "worker (minWorkers=maxWorkers=1); log4j cut to warnings"
     )
+    app, predict_path, ready_path = "torchserve_launch.py", "/predictions/peer", "/ping"
 
-    def command(
-        self,
-        model_dir: Path,
-        port: int,
-        threads: int,
-        max_batch_size: int,
-        max_delay_ms: float,
-        run: Path,
-    ) -> tuple[list[str], str, str]:
-        args = self.app_args(model_dir, port, threads, max_batch_size, max_delay_ms)
-        base = f"http://127.0.0.1:{port}"
-        return (
-            [str(self.python), str(APPS / "torchserve_launch.py"), *args, "--run-dir", str(run)],
-            f"{base}/predictions/peer",
-            f"{base}/ping",
-        )
+    def extra_args(self, run: Path) -> list[str]:
+        return ["--run-dir", str(run)]
 
 
 PEERS: dict[str, Peer] = {peer.name: peer for peer in (LitServe(), BentoML(), TorchServe())}

@@ -115,6 +115,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from service.registry import get_architecture
     from service.store import ModelStore
     from service.training import TrainConfig, load_image_folder, load_mnist_sample, train_to_store
 
@@ -133,10 +134,10 @@ def _train(args: argparse.Namespace) -> int:
             channel_order="L" if channels == 1 else "RGB",
         )
         data = load_image_folder(Path(args.data), spec)
-    arguments: dict[str, object] = {"num_classes": len(data.labels)}
-    if args.arch in ("small_cnn", "lenet5"):
-        shape = data.input
-        arguments |= {"in_channels": shape.channels, "input_size": [shape.height, shape.width]}
+    shape = data.input
+    arguments = get_architecture(args.arch).fitted_arguments(
+        (shape.channels, shape.height, shape.width), len(data.labels)
+    )
     config = TrainConfig(
         args.arch,
         arguments,
@@ -174,13 +175,10 @@ def _describe(args: argparse.Namespace) -> int:
             print(f"{name:22} {arch.description}")
         return 0
     from service.anatomy import describe
-    from service.registry import build_model
+    from service.registry import build_model, get_architecture
     from service.table import format_anatomy
 
-    channels, height, width = args.input
-    arguments: dict[str, object] = {"num_classes": args.classes}
-    if args.arch in ("small_cnn", "lenet5"):
-        arguments |= {"in_channels": channels, "input_size": [height, width]}
+    arguments = get_architecture(args.arch).fitted_arguments(args.input, args.classes)
     model = build_model(args.arch, arguments).eval()
     print(format_anatomy(describe(model, args.input)))
     return 0

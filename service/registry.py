@@ -133,6 +133,13 @@ class Architecture:
     def arguments(self) -> list[str]:
         return [p for p in inspect.signature(self.build).parameters if p != "weights"]
 
+    def fitted_arguments(self, input_shape: tuple[int, int, int], classes: int) -> dict[str, Any]:
+        """The arguments for a CxHxW input and a class count that this constructor takes:
+        ours size themselves to the input, torchvision's take only the class count."""
+        channels, height, width = input_shape
+        wanted = {"num_classes": classes, "in_channels": channels, "input_size": [height, width]}
+        return {key: value for key, value in wanted.items() if key in self.arguments()}
+
 
 def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
     def build(num_classes: int = 1000) -> nn.Module:

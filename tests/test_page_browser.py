@@ -137,7 +137,9 @@ def upload(page: Page, path: Path, label: str) -> None:
 
 def draw(page: Page, points: list[tuple[int, int]]) -> None:
     """One stroke through `points`, given in the pad's own 280x280 pixels."""
-    box = page.locator("#pad").bounding_box()
+    pad = page.locator("#pad")
+    pad.scroll_into_view_if_needed()  # raw mouse events land where the viewport shows the pad
+    box = pad.bounding_box()
     assert box is not None
 
     def to_page(x: int, y: int) -> tuple[float, float]:

@@ -44,9 +44,7 @@ from benchmarks.peers import PEERS, RunningPeer
 from service.classifier import Classifier
 from service.engines import Engine, OnnxEngine, ensure_onnx
 from service.imaging import prepare_image
-from service.importing import import_torchvision
-from service.registry import build_model
-from service.spec import InputSpec, ModelSpec, now_iso
+from service.importing import import_own, import_torchvision
 from service.store import ModelStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,17 +107,9 @@ def prepare_models(workdir: Path, names: list[str]) -> list[Model]:
             models.append(Model("digits", ROOT / "model_store", body, "bundled, 1x28x28"))
         elif name == "seed":
             store = ModelStore(workdir / "seed")
-            spec = ModelSpec(
-                architecture="small_cnn",
-                arguments={"in_channels": 3, "input_size": 32, "num_classes": 10},
-                input=InputSpec(channels=3, height=32, width=32, mean=[0.5] * 3, std=[0.25] * 3),
-                labels=[f"class {i}" for i in range(10)],
-                heatmap_layer="conv2",
-                sha256="",
-                created=now_iso(),
+            import_own(
+                store, "small_cnn", "seed", weights=None, input_shape=(3, 32, 32), classes=10
             )
-            torch.manual_seed(0)
-            store.write("seed", build_model("small_cnn"), spec)
             models.append(Model("seed", store.root, picture, "seed SmallCNN, 3x32x32, random init"))
         elif name == "resnet18":
             store = ModelStore(workdir / "resnet18")

@@ -78,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--store", type=Path, default=Settings().store)
 
     imp = commands.add_parser(
-        "import", help="write a store version from a torchvision architecture"
+        "import", help="write a store version of an architecture: random init or local weights"
     )
-    imp.add_argument("arch", help="torchvision architecture, e.g. resnet18")
+    imp.add_argument("arch", help="architecture, e.g. resnet18 or small_cnn (see describe --list)")
     imp.add_argument("--name", default=None, help="model name in the store (default: arch)")
     source = imp.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source.add_argument("--weights", type=Path, help="local state dict (.pth/.pt or .safetensors)")
     imp.add_argument("--seed", type=int, default=0)
+    imp.add_argument(
+        "--input", type=parse_shape, default=None,
+        help="CxHxW for small_cnn, lenet5 and plug-ins (default 3x32x32); torchvision's are fixed",
+    )  # fmt: skip
+    imp.add_argument("--classes", type=int, default=None, help="class count (default 10)")
     imp.add_argument("--store", type=Path, default=Settings().store)
 
     describe = commands.add_parser("describe", help="print the per-layer table of an architecture")
@@ -157,12 +162,21 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from service.importing import import_torchvision
+    from service.importing import import_own, import_torchvision
+    from service.registry import get_architecture
     from service.store import ModelStore
 
     store = ModelStore(args.store)
     name = args.name or args.arch
-    version = import_torchvision(store, args.arch, name, weights=args.weights, seed=args.seed)
+    if get_architecture(args.arch).torchvision:
+        if args.input is not None or args.classes is not None:
+            raise ValueError(f"{args.arch} takes its input and classes from torchvision's metadata")
+        version = import_torchvision(store, args.arch, name, weights=args.weights, seed=args.seed)
+    else:
+        version = import_own(
+            store, args.arch, name, weights=args.weights, seed=args.seed,
+            input_shape=args.input or (3, 32, 32), classes=args.classes or 10,
+        )  # fmt: skip
     print(f"wrote {args.store / name / str(version)}")
     return 0
 

@@ -1,7 +1,8 @@
-"""`convserve import`: torchvision architectures into the store, with torchvision's own metadata.
+"""`convserve import`: an architecture and its weights (or a seeded random init) into the store.
 
-Labels and preprocessing come from torchvision's weight metadata (categories and transforms),
-which ships inside the package: nothing is downloaded.
+For torchvision architectures, labels and preprocessing come from torchvision's weight metadata
+(categories and transforms), which ships inside the package: nothing is downloaded. Our own
+architectures (small_cnn, lenet5, plug-ins) are sized to the input shape and class count given.
 """
 
 from __future__ import annotations
@@ -64,30 +65,90 @@ def import_torchvision(
 ) -> int:
     """Write `arch` as the next version of `name`: random init, or converted local weights."""
     meta = torchvision_weights(arch)
+    top1 = meta.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
+    published = TrainingMetrics(
+        accuracy=None if top1 is None else round(top1 / 100.0, 5),
+        dataset=f"ImageNet-1K validation as published for {meta}",
+    )
+    labels = list(meta.meta["categories"])
+    return _write(
+        store, arch, name, {"num_classes": len(labels)}, imagenet_input(meta), labels,
+        weights=weights, seed=seed, published=published,
+    )  # fmt: skip
+
+
+def import_own(
+    store: ModelStore,
+    arch: str,
+    name: str,
+    *,
+    weights: Path | None,
+    input_shape: tuple[int, int, int],
+    classes: int,
+    seed: int = 0,
+) -> int:
+    """Write one of our own architectures, sized to a CxHxW input and a class count, as the next
+    version of `name`; its labels are `class 0`.. and inputs are scaled to about -2..2."""
+    architecture = get_architecture(arch)
+    if architecture.torchvision:
+        raise ArchitectureError(f"{arch} is a torchvision architecture: its shape is its own")
+    channels, height, width = input_shape
+    spec_input = InputSpec(
+        channels=channels,
+        height=height,
+        width=width,
+        mean=[0.5] * channels,
+        std=[0.25] * channels,
+        channel_order="L" if channels == 1 else "RGB",
+    )
+    labels = [f"class {index}" for index in range(classes)]
+    arguments = architecture.fitted_arguments(input_shape, classes)
+    return _write(store, arch, name, arguments, spec_input, labels, weights=weights, seed=seed)
+
+
+def _write(
+    store: ModelStore,
+    arch: str,
+    name: str,
+    arguments: dict[str, Any],
+    spec_input: InputSpec,
+    labels: list[str],
+    *,
+    weights: Path | None,
+    seed: int,
+    published: TrainingMetrics | None = None,
+) -> int:
+    """Build, fill (seeded random or a local state dict, strictly matched) and store a version."""
     torch.manual_seed(seed)
-    model = build_model(arch, {"num_classes": len(meta.meta["categories"])}).eval()
+    model = build_model(arch, arguments).eval()
     if weights is None:
         metrics = TrainingMetrics(
             dataset=f"random initialisation (seed {seed}): untrained, for benchmarks"
         )
         origin = "random weights"
     else:
-        model.load_state_dict(read_state_dict(weights), strict=True)
-        top1 = meta.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
-        metrics = TrainingMetrics(
-            accuracy=None if top1 is None else round(top1 / 100.0, 5),
-            dataset=f"ImageNet-1K validation as published for {meta} ({weights.name})",
-        )
+        try:
+            model.load_state_dict(read_state_dict(weights), strict=True)
+        except RuntimeError as exc:  # torch lists every missing, unexpected or misshapen tensor
+            detail = str(exc).split(":", 1)[-1].strip()
+            raise ValueError(f"{weights.name} does not fit {arch} {arguments}: {detail}") from None
+        if published is None:
+            metrics = TrainingMetrics(dataset=f"{weights.name}: accuracy not measured here")
+        else:
+            metrics = TrainingMetrics(
+                accuracy=published.accuracy, dataset=f"{published.dataset} ({weights.name})"
+            )
         origin = f"weights from {weights.name}"
+    architecture = get_architecture(arch)
     spec = ModelSpec(
         architecture=arch,
-        arguments={"num_classes": len(meta.meta["categories"])},
-        input=imagenet_input(meta),
-        labels=list(meta.meta["categories"]),
-        heatmap_layer=get_architecture(arch).heatmap_layer,
+        arguments=arguments,
+        input=spec_input,
+        labels=labels,
+        heatmap_layer=architecture.heatmap_layer,
         metrics=metrics,
         sha256="",
         created=now_iso(),
-        description=f"{get_architecture(arch).description}, {origin}, via `convserve import`",
+        description=f"{architecture.description}, {origin}, via `convserve import`",
     )
     return store.write(name, model, spec)

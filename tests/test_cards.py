@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,6 @@ from PIL import Image
 
 from service.cli import main
 from service.config import Settings
-from service.registry import build_model
-from service.spec import InputSpec, ModelSpec, now_iso
 from service.store import ModelStore
 from tests.conftest import ready_client
 
@@ -59,27 +58,44 @@ async def test_card_of_the_bundled_digits_model(client: httpx.AsyncClient) -> No
     assert missing.headers["content-type"] == "application/problem+json"
 
 
-def _seed_spec() -> ModelSpec:
-    return ModelSpec(
-        architecture="small_cnn",
-        arguments={"in_channels": 3, "input_size": 32, "num_classes": 10},
-        input=InputSpec(channels=3, height=32, width=32, mean=[0.5] * 3, std=[0.25] * 3),
-        labels=[f"class {i}" for i in range(10)],
-        heatmap_layer="conv2",
-        sha256="",
-        created=now_iso(),
-    )
-
-
 async def test_seed_small_cnn_card_totals_545098(tmp_path: Path) -> None:
-    store = ModelStore(tmp_path)
-    store.write("seed", build_model("small_cnn"), _seed_spec())
+    assert main(["import", "small_cnn", "--name", "seed", "--random-init", "--input", "3x32x32",
+                 "--store", str(tmp_path)]) == 0  # fmt: skip
     async with ready_client(Settings.from_env({"CONVSERVE_STORE": str(tmp_path)})) as client:
         card = (await client.get("/models/seed")).json()
         rows = check_rows(card)
         assert card["anatomy"]["total_params"] == 545_098
         assert rows[0]["params"] == 9 * 3 * 32 + 32
         assert [r["output_shape"] for r in rows if r["type"] == "Linear"] == [[128], [10]]
+
+
+def test_import_sizes_our_own_architectures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """small_cnn/lenet5 take --input and --classes; weights trained elsewhere come in strictly."""
+    bundled = Path(__file__).resolve().parent.parent / "model_store"
+    weights = bundled / "lenet5" / "1" / "weights.safetensors"
+    assert main(["import", "lenet5", "--weights", str(weights), "--input", "1x28x28",
+                 "--store", str(tmp_path)]) == 0  # fmt: skip
+    device = torch.device("cpu")
+    ours = ModelStore(tmp_path).load("lenet5", 1, device)
+    theirs = ModelStore(bundled).load("lenet5", 1, device)
+    assert ours.spec.input.channel_order == "L"
+    assert ours.spec.labels == [f"class {i}" for i in range(10)]
+    batch = torch.rand(4, 1, 28, 28)
+    with torch.inference_mode():
+        assert torch.equal(ours.module(batch), theirs.module(batch))
+    # the weights must fit the shape asked for, and torchvision shapes are torchvision's own
+    assert main(["import", "lenet5", "--weights", str(weights), "--classes", "5",
+                 "--store", str(tmp_path)]) == 2  # fmt: skip
+    assert "size mismatch" in capsys.readouterr().err
+    assert main(["import", "resnet18", "--random-init", "--input", "3x32x32",
+                 "--store", str(tmp_path)]) == 2  # fmt: skip
+    assert "from torchvision's metadata" in capsys.readouterr().err
+    assert main(["import", "small_cnn", "--random-init", "--classes", "3", "--input", "3x64x48",
+                 "--store", str(tmp_path)]) == 0  # fmt: skip
+    seed = ModelStore(tmp_path).load("small_cnn", 1, device)
+    assert (seed.spec.input.height, seed.spec.input.width, len(seed.spec.labels)) == (64, 48, 3)
 
 
 async def test_resnet18_card_matches_published_figures(tmp_path: Path) -> None:
@@ -150,12 +166,13 @@ def test_explain_writes_the_heatmap_png(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_collapsing_input_is_refused_at_load(tmp_path: Path) -> None:
-    store = ModelStore(tmp_path)
-    spec = _seed_spec()
-    store.write("seed", build_model("small_cnn"), spec)
-    folder = tmp_path / "seed" / "1" / "model.json"
-    folder.write_text(folder.read_text().replace('"input_size": 32', '"input_size": 2'))
+    assert main(["import", "small_cnn", "--name", "seed", "--random-init",
+                 "--store", str(tmp_path)]) == 0  # fmt: skip
+    path = tmp_path / "seed" / "1" / "model.json"
+    card = json.loads(path.read_text())
+    card["arguments"]["input_size"] = [2, 2]
+    path.write_text(json.dumps(card))
     from service.errors import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="collapses"):
-        store.load("seed", 1, torch.device("cpu"))
+        ModelStore(tmp_path).load("seed", 1, torch.device("cpu"))

@@ -33,7 +33,6 @@ from service.errors import (
     ServiceError,
     VersionNotFoundError,
 )
-from service.imaging import warm_up_decoding
 from service.spec import now_iso
 from service.store import ModelStore, check_name
 
@@ -102,14 +101,12 @@ class Catalog:
         device: torch.device,
         inference: Executor,
         loader: Executor,
-        decoders: Executor,
     ) -> None:
         self.settings = settings
         self.store = store
         self.device = device
         self.inference = inference
         self.loader = loader
-        self.decoders = decoders
         self.models: dict[str, ModelEntry] = {}
         self.configured: list[str] = []
         self.started = False
@@ -130,23 +127,8 @@ class Catalog:
                 # a refusal is recorded in the entry's failures and logged by load()
                 with contextlib.suppress(ModelLoadError, ServiceError):
                     await self.load(name, version)
-        if self.settings.warmup:
-            await self._warm_decoders()
         self.started = True
         self.update_ready()
-
-    async def _warm_decoders(self) -> None:
-        """Start every decode thread and let each decode once, so no request pays for it."""
-        specs = [
-            d.classifier.spec.input for e in self.models.values() for d in e.deployments.values()
-        ]
-        if specs:
-            loop = asyncio.get_running_loop()
-            pool, spec = self.decoders, specs[0]
-            threads = self.settings.decode_threads
-            await asyncio.gather(
-                *(loop.run_in_executor(pool, warm_up_decoding, spec) for _ in range(threads))
-            )
 
     @property
     def ready(self) -> bool:
@@ -181,7 +163,6 @@ class Catalog:
             min(8, self._batch_size(classifier)),
         )
         if self.settings.warmup:
-            warm_up_decoding(classifier.spec.input)
             classifier.warm_up(warm_up_sizes(self._batch_size(classifier)))
         return classifier, time.perf_counter() - started
 

@@ -17,6 +17,7 @@
     ├── UnauthorizedError (401)
     ├── ForbiddenError (403)
     ├── ConflictError (409)
+    ├── ClientClosedError (499)
     ├── InferenceError (500)
     ├── UnavailableError (503)
     │   ├── QueueFullError
@@ -148,6 +149,15 @@ class ModelRefusedError(ServiceError):
     status_code = 422
     title = "Model version refused"
     slug = "model-refused"
+
+
+class ClientClosedError(ServiceError):
+    """The client hung up before its answer: its work was dropped (nginx's 499; nobody reads
+    the response, the access log and metrics do)."""
+
+    status_code = 499
+    title = "Client closed request"
+    slug = "client-closed-request"
 
 
 class InferenceError(ServiceError):

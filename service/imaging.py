@@ -75,6 +75,8 @@ def decode_image(data: bytes, max_pixels: int, draft: tuple[str, int] | None = N
             mode, side = draft
             image.draft(mode, (side, side))
         image.load()
+    except MemoryError:
+        raise  # the decoder's ceiling: not the image's data at fault, and not to be retried here
     except Exception as exc:
         raise InvalidImageError(f"the image data is corrupt or truncated: {exc}") from None
     # in place: without an Orientation tag the copying variant would copy every image; a

@@ -16,6 +16,8 @@ from litestar.di import NamedDependency
 from service import metrics
 from service.catalog import Catalog, resolve_device
 from service.config import Settings
+from service.decoder import DecoderConfig
+from service.decoding import DecodePool
 from service.errors import ShuttingDownError
 from service.store import ModelStore
 from service.watching import StoreWatcher
@@ -33,12 +35,15 @@ class Runtime:
         # One inference thread: batches run back to back and torch gets every core for each.
         self.inference = ThreadPoolExecutor(1, thread_name_prefix="convserve-infer")
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="convserve-load")
-        self.decoders = ThreadPoolExecutor(
-            settings.decode_threads, thread_name_prefix="convserve-decode"
+        # uploads decode in child processes under a memory ceiling (service.decoding)
+        self.decoders = DecodePool(
+            settings.decode_threads, DecoderConfig(settings.max_pixels, settings.decode_memory_mb)
         )
-        self.catalog = Catalog(
-            settings, self.store, self.device, self.inference, self.loader, self.decoders
+        # heatmap overlays: bounded drawing on pictures of at most 1024 px, off the event loop
+        self.painters = ThreadPoolExecutor(
+            settings.decode_threads, thread_name_prefix="convserve-paint"
         )
+        self.catalog = Catalog(settings, self.store, self.device, self.inference, self.loader)
         self.watcher = (
             StoreWatcher(self.catalog, settings.watch_interval_s) if settings.watch else None
         )
@@ -54,7 +59,7 @@ class Runtime:
         self._loading = asyncio.get_running_loop().create_task(self._load())
 
     async def _load(self) -> None:
-        await self.catalog.load_store()
+        await asyncio.gather(self.decoders.start(), self.catalog.load_store())
         # Everything loaded so far lives as long as the process: keep it out of the cyclic
         # collector, whose full passes over it stalled requests (p99 142 -> 37 ms, digits at 32
         # clients; docs/benchmarks.md).
@@ -75,7 +80,7 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        return self.catalog.ready and not self.draining
+        return self.catalog.ready and self.decoders.running and not self.draining
 
     def begin_drain(self) -> None:
         """Stop admitting predictions and report not ready; admitted requests still finish."""
@@ -102,7 +107,8 @@ class Runtime:
         if self.watcher is not None:
             await self.watcher.stop()
         await self.catalog.stop()
-        for pool in (self.decoders, self.inference, self.loader):
+        self.decoders.close()
+        for pool in (self.painters, self.inference, self.loader):
             pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -22,6 +22,7 @@ from litestar.params import FromPath
 from service import __version__
 from service.api.access import annotate
 from service.api.classify import classify
+from service.api.hangup import unless_hung_up
 from service.api.openapi import InferOperation, problems
 from service.api.uploads import Upload, read_body
 from service.catalog import Deployment
@@ -263,7 +264,7 @@ async def _infer(
         raise PayloadTooLargeError(
             f"{len(items)} images; the limit is {runtime.settings.max_images}"
         )
-    outcomes, _ = await classify(runtime, deployment, items, deadline)
+    outcomes, _ = await unless_hung_up(request, classify(runtime, deployment, items, deadline))
     annotate(request, batch_size=max(o.batch_size for o in outcomes))
     probabilities = np.stack([o.probabilities for o in outcomes])
     return InferResponse(

@@ -264,13 +264,16 @@ def _normalize(image: Image.Image, spec: InputSpec, invert: bool) -> np.ndarray:
 
 def _display(image: Image.Image) -> Image.Image:
     """The picture heatmaps are drawn on: the upload's size, kept within 256..1024 px long."""
-    rgb = image.convert("RGB")
-    longest = max(rgb.size)
+    longest = max(image.size)
     if longest < DISPLAY_MIN_SIDE:
         factor = -(-DISPLAY_MIN_SIDE // longest)
-        return rgb.resize((rgb.width * factor, rgb.height * factor), Image.Resampling.NEAREST)
-    rgb.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE), Image.Resampling.BILINEAR)
-    return rgb
+        size = (image.width * factor, image.height * factor)
+        return image.convert("RGB").resize(size, Image.Resampling.NEAREST)
+    # shrunk before grey becomes RGB: resampling three equal bands is resampling one, and a
+    # 40 MP grey upload is not copied to 120 MB of RGB first
+    shown = image.copy()  # thumbnail() works in place
+    shown.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE), Image.Resampling.BILINEAR)
+    return shown.convert("RGB")
 
 
 def warm_up_decoding(spec: InputSpec, limits: DecodeLimits) -> None:
@@ -296,9 +299,13 @@ def prepare_image(
     decoded = decode_image(data, limits, None if keep_display else (mode, side))
     visible = to_visible(decoded)
     box = crop_box(visible.size, spec)
-    # convert() to the same mode would copy the image for nothing
-    source = visible if visible.mode == mode else visible.convert(mode)
+    # convert() to the same mode would copy the image for nothing; grey for an RGB network is
+    # resized first (three equal bands resample as one) and only the small result converted
+    grey_to_rgb = visible.mode == "L" and mode == "RGB"
+    source = visible if visible.mode == mode or grey_to_rgb else visible.convert(mode)
     model_input = source.resize((spec.width, spec.height), _RESAMPLE[spec.interpolation], box=box)
+    if grey_to_rgb:
+        model_input = model_input.convert("RGB")
     invert = False
     if spec.invert == "auto" and mode == "L":
         pixels = np.asarray(model_input)

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from service.config import FORMATS, Settings, SettingsError
-from service.imaging import BAND_PIXELS, configure_decoding, to_visible
+from service.imaging import BAND_PIXELS, DecodeLimits, configure_decoding, prepare_image, to_visible
+from service.spec import InputSpec
 from tests.conftest import ready_client
 from tests.support import digit_picture, held_out_digits, png_bytes, running_server
 
@@ -338,3 +339,26 @@ def test_transparency_flattens_onto_white_as_alpha_composite_did() -> None:
     for image in (rgba, rgba.convert("LA"), rgba.convert("RGBa")):
         reference = Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
         np.testing.assert_array_equal(np.asarray(to_visible(image)), np.asarray(reference))
+
+
+def test_grey_for_an_rgb_network_is_resized_before_it_becomes_rgb() -> None:
+    """The shortcut must not change a pixel: compare with the same picture sent as RGB."""
+    spec = InputSpec(channels=3, height=224, width=224, mean=[0.485, 0.456, 0.406],
+                     std=[0.229, 0.224, 0.225], resize="center_crop", resize_size=256)  # fmt: skip
+    noise = np.random.default_rng(5).integers(0, 256, size=(1_100, 1_500), dtype=np.uint8)
+    grey = Image.fromarray(noise)
+    limits = DecodeLimits(10**7)
+    for keep_display in (False, True):
+        shortcut = prepare_image(png_bytes(grey), spec, limits, keep_display=keep_display)
+        reference = prepare_image(
+            png_bytes(grey.convert("RGB")), spec, limits, keep_display=keep_display
+        )
+        np.testing.assert_array_equal(shortcut.array, reference.array)
+        assert shortcut.box == reference.box
+        if keep_display:
+            assert shortcut.display is not None
+            assert reference.display is not None
+            assert shortcut.display.mode == "RGB"
+            np.testing.assert_array_equal(
+                np.asarray(shortcut.display), np.asarray(reference.display)
+            )

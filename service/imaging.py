@@ -182,14 +182,16 @@ def decode_image(
 
 
 def _banded(image: Image.Image, convert: Callable[[np.ndarray], np.ndarray]) -> Image.Image:
-    """8-bit L from `convert` applied to bands of rows: a 40 MP image never has a whole-image
-    numpy copy, only the L result and one band at a time."""
+    """8-bit L from `convert` applied to bands of rows (a very wide row is cut too): a 40 MP
+    image never has a whole-image numpy copy, only the L result and one band at a time."""
     width, height = image.size
     result = Image.new("L", image.size)
-    rows = max(1, BAND_PIXELS // width)
+    rows, columns = max(1, BAND_PIXELS // width), min(width, BAND_PIXELS)
     for top in range(0, height, rows):
-        band = np.asarray(image.crop((0, top, width, min(top + rows, height))))
-        result.paste(Image.fromarray(convert(band).astype(np.uint8)), (0, top))
+        for left in range(0, width, columns):
+            box = (left, top, min(left + columns, width), min(top + rows, height))
+            band = np.asarray(image.crop(box))
+            result.paste(Image.fromarray(convert(band).astype(np.uint8)), box[:2])
     return result
 
 

@@ -3,6 +3,7 @@ hostile containers get their 4xx quickly over HTTP and the service keeps serving
 
 from __future__ import annotations
 
+import base64
 import io
 import struct
 import time
@@ -194,6 +195,11 @@ async def test_other_formats_get_415_naming_the_format_and_the_allowlist(
     assert_problem(response, 415, "looks like CUR", "allowed formats: JPEG, PNG")
     response, _ = await timed_post(client, b"just some text\n" * 20)
     assert_problem(response, 400, "cannot identify an image in the 300 bytes sent")
+    # V2 BYTES elements take the same decode path, and the same answer
+    element = base64.b64encode(others["ICO"]).decode()
+    infer = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [element]}]}
+    response = await client.post("/v2/models/digits/infer", json=infer)
+    assert_problem(response, 415, "element 0: the image looks like ICO")
     await still_serves(client)
 
 
@@ -310,7 +316,9 @@ def test_wide_modes_scale_to_8_bits_as_before() -> None:
         np.testing.assert_array_equal(np.asarray(visible), float64_reference(image), image.mode)
 
 
-@pytest.mark.parametrize(("mode", "size"), [("I;16", (8_000, 5_000)), ("F", (4_000, 2_500))])
+@pytest.mark.parametrize(
+    ("mode", "size"), [("I;16", (8_000, 5_000)), ("I;16", (8_000_000, 1)), ("F", (4_000, 2_500))]
+)
 def test_wide_modes_convert_without_a_whole_image_copy(mode: str, size: tuple[int, int]) -> None:
     width, height = size
     row = np.linspace(0, 65_535 if mode == "I;16" else 2.5, width)

@@ -18,7 +18,13 @@ import numpy as np
 from PIL import Image
 
 from service.errors import ServiceError
-from service.imaging import PreparedImage, prepare_image, warm_up_decoding
+from service.imaging import (
+    DecodeLimits,
+    PreparedImage,
+    configure_decoding,
+    prepare_image,
+    warm_up_decoding,
+)
 from service.spec import InputSpec
 
 READY = b"ready"
@@ -30,7 +36,12 @@ class DecoderConfig(msgspec.Struct, frozen=True):
     """What a decoder is told at start (explicitly, on its command line)."""
 
     max_pixels: int
+    formats: tuple[str, ...]
     memory_mb: int
+
+    @property
+    def limits(self) -> DecodeLimits:
+        return DecodeLimits(self.max_pixels, self.formats)
 
 
 class DecodeJob(msgspec.Struct, array_like=True):
@@ -92,9 +103,7 @@ def set_ceiling(memory_mb: int) -> None:
 def _answer(job: DecodeJob, config: DecoderConfig) -> Decoded:
     """The image prepared, or why not; after a MemoryError the decoder exits and is replaced."""
     try:
-        prepared = prepare_image(
-            job.data, job.spec, config.max_pixels, keep_display=job.keep_display
-        )
+        prepared = prepare_image(job.data, job.spec, config.limits, keep_display=job.keep_display)
         return encode_prepared(prepared)
     except ServiceError as exc:
         return Decoded(error=type(exc).__name__, detail=exc.detail)
@@ -126,7 +135,8 @@ def serve(conn: Connection, config: DecoderConfig) -> None:
 def main(argv: list[str]) -> int:
     config = msgspec.json.decode(argv[0], type=DecoderConfig)
     conn = Connection(int(argv[1]))
-    warm_up_decoding(WARM_UP_SPEC)  # Pillow loads codecs lazily: pay for it before the ceiling
+    configure_decoding(config.max_pixels)  # Pillow's own bomb guard, at our limit
+    warm_up_decoding(WARM_UP_SPEC, config.limits)  # codecs load lazily: before the ceiling
     set_ceiling(config.memory_mb)
     conn.send_bytes(READY)
     serve(conn, config)

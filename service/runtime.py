@@ -36,9 +36,8 @@ class Runtime:
         self.inference = ThreadPoolExecutor(1, thread_name_prefix="convserve-infer")
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="convserve-load")
         # uploads decode in child processes under a memory ceiling (service.decoding)
-        self.decoders = DecodePool(
-            settings.decode_threads, DecoderConfig(settings.max_pixels, settings.decode_memory_mb)
-        )
+        config = DecoderConfig(settings.max_pixels, settings.formats, settings.decode_memory_mb)
+        self.decoders = DecodePool(settings.decode_threads, config)
         # heatmap overlays: bounded drawing on pictures of at most 1024 px, off the event loop
         self.painters = ThreadPoolExecutor(
             settings.decode_threads, thread_name_prefix="convserve-paint"

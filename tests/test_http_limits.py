@@ -207,6 +207,28 @@ def test_an_answered_request_cannot_hold_its_connection_with_a_slow_body(
         assert time.monotonic() - answered < 3 * TIMEOUT_S
 
 
+def test_blank_lines_after_an_answer_do_not_keep_a_connection(server: ServerProcess) -> None:
+    with connect(server.url) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(0.2)
+        received = sock.recv(65536)
+        assert received.startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        while time.monotonic() - started < 5 * TIMEOUT_S:
+            try:
+                sock.sendall(b"\r\n")  # each one used to cancel the keep-alive wait for good
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            received += chunk
+        assert time.monotonic() - started < 3 * TIMEOUT_S
+        assert b"HTTP/1.1 408" in received
+
+
 def test_connections_past_the_cap_get_503_then_service_resumes(server: ServerProcess) -> None:
     extra = 6
     socks = [connect(server.url) for _ in range(CAP + extra)]

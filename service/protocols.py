@@ -15,6 +15,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.api.schemas import Problem
+from service.app import PROBLEM_BASE
 from service.config import Settings
 from service.errors import (
     HeadersTooLargeError,
@@ -26,7 +27,6 @@ from service.errors import (
 )
 
 log = logging.getLogger("convserve.http")
-PROBLEM_BASE = "https://convserve.dev/problems/"
 LINGER_S = 2.0  # after a refusal, read and drop what the client still sends, so it sees the answer
 LINGER_BYTES = 4 * 1024 * 1024  # ...for this long and at most this much
 NOTICE_EVERY_S = 10.0  # refusals cost an attacker little: log them at most this often, as counts

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import gc
 import logging
 import re
 import time
@@ -33,6 +31,7 @@ from service.errors import (
     ServiceError,
     VersionNotFoundError,
 )
+from service.memory import return_freed_memory
 from service.spec import now_iso
 from service.store import ModelStore, check_name
 
@@ -73,14 +72,6 @@ class ModelEntry:
 def warm_up_sizes(max_batch_size: int) -> list[int]:
     """Every batch size the batcher can form: 1 .. max_batch_size."""
     return list(range(1, max_batch_size + 1))
-
-
-def return_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise, so an unloaded
-    model's memory would stay in the process's resident size)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def resolve_device(choice: str) -> torch.device:

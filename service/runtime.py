@@ -19,6 +19,7 @@ from service.config import Settings
 from service.decoder import DecoderConfig
 from service.decoding import DecodePool
 from service.errors import ShuttingDownError
+from service.memory import Trimmer, trim_heap
 from service.store import ModelStore
 from service.watching import StoreWatcher
 
@@ -42,6 +43,7 @@ class Runtime:
         self.painters = ThreadPoolExecutor(
             settings.decode_threads, thread_name_prefix="convserve-paint"
         )
+        self.trimmer = Trimmer(self.painters)
         self.catalog = Catalog(settings, self.store, self.device, self.inference, self.loader)
         self.watcher = (
             StoreWatcher(self.catalog, settings.watch_interval_s) if settings.watch else None
@@ -64,6 +66,7 @@ class Runtime:
         # clients; docs/benchmarks.md).
         gc.collect()
         gc.freeze()
+        trim_heap()  # what loading and warm-up freed leaves the resident size
         if self.watcher is not None:
             self.watcher.start()
         log.info(
@@ -106,6 +109,7 @@ class Runtime:
         if self.watcher is not None:
             await self.watcher.stop()
         await self.catalog.stop()
+        self.trimmer.cancel()
         self.decoders.close()
         for pool in (self.painters, self.inference, self.loader):
             pool.shutdown(wait=False, cancel_futures=True)

@@ -100,7 +100,10 @@ async def _open(
     (prepared,) = await prepare_uploads(runtime, deployment, uploads, deadline)
     classifier = deployment.classifier
     work = partial(open_convolution, classifier, prepared.array, layer)
-    return await deployment.batcher.run_alone(work, deadline)
+    try:
+        return await deployment.batcher.run_alone(work, deadline)
+    finally:
+        runtime.trimmer.soon()  # the layer's maps: megabytes for a large network, now free
 
 
 @post(

@@ -110,7 +110,10 @@ async def _answer(
         loop.run_in_executor(runtime.painters, _heatmap, method, outcome, image)
         for outcome, image in zip(outcomes, prepared, strict=True)
     ]
-    return outcomes, [*await gather_first_error(maps)]
+    try:
+        return outcomes, [*await gather_first_error(maps)]
+    finally:
+        runtime.trimmer.soon()  # gradients, displays and overlays: much memory, now free
 
 
 async def run_prediction(

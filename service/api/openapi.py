@@ -16,9 +16,8 @@ from litestar.openapi.spec import (
     Schema,
 )
 
-from service.api.schemas import Problem
+from service.problems import PROBLEM_TYPE, Problem
 
-PROBLEM_TYPE = "application/problem+json"
 BINARY = Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY)
 
 

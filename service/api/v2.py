@@ -4,6 +4,7 @@ Inputs: one BYTES tensor of encoded image files (base64 strings in JSON, raw byt
 binary-data extension), or one FP32 tensor already preprocessed to the model's (N, C, H, W).
 Output: `probabilities` FP32 (N, classes); with `"parameters": {"classification": k}` the
 top k as BYTES "probability:index:label" (Triton's classification extension).
+Bodies are read and bounded by service.api.tensors, large ones off the event loop.
 """
 
 from __future__ import annotations

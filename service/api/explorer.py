@@ -14,6 +14,7 @@ from litestar.params import FromPath
 
 from service.api.access import annotate
 from service.api.classify import prepare_uploads
+from service.api.dependencies import RuntimeDep
 from service.api.hangup import unless_hung_up
 from service.api.openapi import ImageUploadOperation, problems
 from service.api.predict import VersionQuery
@@ -22,7 +23,7 @@ from service.api.uploads import Upload, read_uploads
 from service.catalog import Deployment
 from service.convolution import Convolution, conv_point, open_convolution
 from service.errors import BadRequestError
-from service.runtime import Runtime, RuntimeDep
+from service.runtime import Runtime
 
 
 class Tensor(msgspec.Struct):

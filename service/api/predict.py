@@ -14,6 +14,7 @@ from litestar.params import FromPath, QueryParameter
 
 from service.api.access import annotate
 from service.api.classify import classify
+from service.api.dependencies import RuntimeDep
 from service.api.hangup import unless_hung_up
 from service.api.openapi import ImageUploadOperation, problems
 from service.api.schemas import Heatmap, ModelRef, Prediction, PredictResponse, Result
@@ -24,7 +25,7 @@ from service.classifier import Classifier
 from service.errors import InvalidParameterError, NotAcceptableError
 from service.heatmaps import overlay_png
 from service.imaging import PreparedImage
-from service.runtime import Runtime, RuntimeDep
+from service.runtime import Runtime
 
 Method = Literal["gradcam", "activation"]
 PNG = "image/png"

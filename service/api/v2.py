@@ -21,13 +21,14 @@ from litestar.params import FromPath
 from service import __version__
 from service.api.access import annotate
 from service.api.classify import classify
+from service.api.dependencies import RuntimeDep
 from service.api.hangup import unless_hung_up
 from service.api.openapi import InferOperation, problems
 from service.api.tensors import BINARY_HEADER, OUTPUT, Limits, parse_request
 from service.api.uploads import read_body
 from service.catalog import Deployment
 from service.errors import ModelNotReadyError
-from service.runtime import Runtime, RuntimeDep
+from service.runtime import Runtime
 
 OFF_LOOP_BYTES = 1 << 20  # bodies above this are parsed in a worker thread
 

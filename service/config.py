@@ -88,6 +88,19 @@ def _formats(text: str) -> tuple[str, ...]:
     return names
 
 
+def _text(value: object) -> str:
+    """A setting's value as its variable would spell it."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
 def _optional_threads(text: str) -> int | None:
     return _positive_int(text) if text.strip() else None
 
@@ -143,6 +156,11 @@ class Settings:
                     raise SettingsError(f"{key}={env[key]!r}: {exc}") from None
         return cls(**values)
 
+    def to_env(self) -> dict[str, str]:
+        """Every setting as the CONVSERVE_* text from_env() reads back to an equal Settings:
+        how the supervisor hands its settings (flags included) to worker processes."""
+        return {env_name(f.name): _text(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
     @property
     def max_delay_s(self) -> float:
         return self.max_delay_ms / 1000.0
@@ -197,7 +215,7 @@ HELP: dict[str, str] = {
     "device": "auto | cpu | cuda (auto: cuda when available)",
     "host": "address to bind",
     "port": "port to bind",
-    "workers": "uvicorn worker processes",
+    "workers": "server processes sharing the port, started and drained by a supervisor",
     "max_batch_size": "largest batch one forward pass takes",
     "max_delay_ms": "longest a batch waits for more requests already on their way",
     "max_queue": "queued images per model version before 503",

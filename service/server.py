@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import resource
 import signal
-import tempfile
+import socket
 import time
 from types import FrameType
 from typing import Any
 
 import uvicorn
-from uvicorn.supervisors import Multiprocess
 
 from service.app import create_app
 from service.config import Settings
 from service.logs import configure_logging
 from service.protocols import HttpLimits, LimitedConfig
 from service.runtime import Runtime
+from service.supervisor import Supervisor
 
 log = logging.getLogger("convserve")
 SPARE_FILES = 256  # descriptors a worker needs besides connections: weights, logs, decoders
@@ -33,13 +32,18 @@ class DrainingServer(uvicorn.Server):
     then uvicorn closes its sockets and the process exits 0. A second signal exits at once.
     """
 
-    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+    def __init__(
+        self, config: uvicorn.Config, runtime: Runtime, *, supervised: bool = False
+    ) -> None:
         super().__init__(config)
         self.runtime = runtime
+        self.supervised = supervised
         self.drain_deadline: float | None = None
         self.drain_earliest = 0.0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.supervised and sig == signal.SIGINT:
+            return  # Ctrl-C reaches the whole process group: the supervisor decides
         if self.drain_deadline is None and self.started:
             now = time.monotonic()
             settings = self.runtime.settings
@@ -59,13 +63,6 @@ class DrainingServer(uvicorn.Server):
                 log.info("drained (%s); stopping", "all answered" if done else "deadline passed")
                 self.should_exit = True
         return await super().on_tick(counter)
-
-
-def app_from_env() -> object:
-    """Factory for multi-worker mode: each worker rebuilds the settings from the environment."""
-    settings = Settings.from_env()
-    configure_logging(settings.log_format, settings.log_level)
-    return create_app(settings)
 
 
 def file_limited(limits: HttpLimits) -> HttpLimits:
@@ -113,16 +110,17 @@ def _config(settings: Settings, app: Any, **extra: Any) -> uvicorn.Config:
 def serve(settings: Settings) -> int:
     configure_logging(settings.log_format, settings.log_level)
     if settings.workers > 1:
-        # prometheus-client aggregates the workers' metrics through files in this directory
-        os.environ.setdefault(
-            "PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="convserve-metrics-")
-        )
-        config = _config(
-            settings, "service.server:app_from_env", factory=True, workers=settings.workers
-        )
-        Multiprocess(config, sockets=[config.bind_socket()]).run()
-        return 0
+        return Supervisor(settings).run()
     app = create_app(settings)
     server = DrainingServer(_config(settings, app), app.state.runtime)
     server.run()
+    return 0
+
+
+def serve_worker(settings: Settings, listener: socket.socket) -> int:
+    """One supervised worker: the same server as a single process, on the shared socket."""
+    configure_logging(settings.log_format, settings.log_level)
+    app = create_app(settings)
+    server = DrainingServer(_config(settings, app), app.state.runtime, supervised=True)
+    server.run(sockets=[listener])
     return 0

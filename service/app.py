@@ -95,13 +95,19 @@ def _unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Respon
     )
 
 
-def create_app(settings: Settings) -> Litestar:
-    """Build the app; models load in the background after start-up so liveness answers at once."""
+def create_app(settings: Settings, *, start_when_loaded: bool = False) -> Litestar:
+    """Build the app; models load in the background after start-up so liveness answers at once.
+
+    `start_when_loaded` finishes start-up only once the models are loaded: a replacement worker
+    on a shared socket then takes no connection it could only answer with 503.
+    """
     runtime = Runtime(settings)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await runtime.start()
+        if start_when_loaded:
+            await runtime.loaded()
         try:
             yield
         finally:

@@ -58,6 +58,11 @@ class Runtime:
         metrics.READY.set(0)
         self._loading = asyncio.get_running_loop().create_task(self._load())
 
+    async def loaded(self) -> None:
+        """Wait until start-up loading has finished (ready, or every failure recorded)."""
+        if self._loading is not None:
+            await asyncio.shield(self._loading)
+
     async def _load(self) -> None:
         await asyncio.gather(self.decoders.start(), self.catalog.load_store())
         # Everything loaded so far lives as long as the process: keep it out of the cyclic

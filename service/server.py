@@ -117,10 +117,11 @@ def serve(settings: Settings) -> int:
     return 0
 
 
-def serve_worker(settings: Settings, listener: socket.socket) -> int:
-    """One supervised worker: the same server as a single process, on the shared socket."""
+def serve_worker(settings: Settings, listener: socket.socket, *, replacement: bool) -> int:
+    """One supervised worker: the same server as a single process, on the shared socket. A
+    replacement accepts only once its models are loaded; the others are serving meanwhile."""
     configure_logging(settings.log_format, settings.log_level)
-    app = create_app(settings)
+    app = create_app(settings, start_when_loaded=replacement)
     server = DrainingServer(_config(settings, app), app.state.runtime, supervised=True)
     server.run(sockets=[listener])
     return 0

@@ -43,7 +43,7 @@ from benchmarks.heatmaps import full_backward_grad_cam
 from benchmarks.peers import PEERS, RunningPeer
 from service.classifier import Classifier
 from service.engines import Engine, OnnxEngine, ensure_onnx
-from service.imaging import prepare_image
+from service.imaging import DecodeLimits, prepare_image
 from service.importing import import_own, import_torchvision
 from service.store import ModelStore
 
@@ -123,7 +123,10 @@ def prepare_models(workdir: Path, names: list[str]) -> list[Model]:
 
 def pipeline(classifier: Classifier, engine: Engine, body: bytes, size: int) -> None:
     """Decode + preprocess `size` images, one forward pass, softmax, top-5."""
-    arrays = [prepare_image(body, classifier.spec.input, 40_000_000).array for _ in range(size)]
+    arrays = [
+        prepare_image(body, classifier.spec.input, DecodeLimits(40_000_000)).array
+        for _ in range(size)
+    ]
     logits = engine.logits(np.stack(arrays))
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     probabilities = shifted / shifted.sum(axis=1, keepdims=True)
@@ -373,7 +376,7 @@ def cold_start(report: Report, runs: int = 5) -> None:
 
 def heatmap_ratio(model: Model, report: Report) -> None:
     classifier = ModelStore(model.store).load(model.name, 1, CPU)
-    array = prepare_image(model.body, classifier.spec.input, 40_000_000).array
+    array = prepare_image(model.body, classifier.spec.input, DecodeLimits(40_000_000)).array
     classifier.engine = classifier.torch_engine  # Grad-CAM runs on torch: compare like with like
     for size in (1, 8, 32):
         arrays = [array] * size

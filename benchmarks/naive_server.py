@@ -16,7 +16,7 @@ import torch
 import uvicorn
 from litestar import Litestar, Request, get, post
 
-from service.imaging import prepare_image
+from service.imaging import DecodeLimits, prepare_image
 from service.store import ModelStore
 
 STORE = ModelStore(Path(os.environ["CONVSERVE_STORE"]))
@@ -26,7 +26,7 @@ CLASSIFIER = STORE.load(NAME, max(STORE.versions(NAME)), torch.device("cpu"))
 
 @post("/predict", sync_to_thread=True, status_code=200)
 def predict(request: Request[Any, Any, Any], body: bytes) -> dict[str, Any]:
-    array = prepare_image(body, CLASSIFIER.spec.input, 40_000_000).array
+    array = prepare_image(body, CLASSIFIER.spec.input, DecodeLimits(40_000_000)).array
     with torch.inference_mode():
         logits = CLASSIFIER.module(torch.from_numpy(array[None]))
         probabilities = torch.softmax(logits, dim=1)[0].numpy()

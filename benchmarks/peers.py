@@ -376,13 +376,13 @@ def reference(model_dir: Path, body: bytes) -> list[float]:
     import torch
 
     from service.config import Settings
-    from service.imaging import prepare_image
+    from service.imaging import DecodeLimits, prepare_image
     from service.store import load_classifier
 
     classifier = load_classifier(
         model_dir, model_dir.parent.name, int(model_dir.name), torch.device("cpu")
     )
-    array = prepare_image(body, classifier.spec.input, Settings().max_pixels).array
+    array = prepare_image(body, classifier.spec.input, DecodeLimits.from_settings(Settings())).array
     with torch.inference_mode():
         logits = classifier.module(torch.from_numpy(np.stack([array])))
         row = torch.softmax(logits.float(), dim=1)[0]

@@ -33,7 +33,7 @@ from service.errors import (
     ServiceError,
     VersionNotFoundError,
 )
-from service.imaging import warm_up_decoding
+from service.imaging import DecodeLimits, warm_up_decoding
 from service.spec import now_iso
 from service.store import ModelStore, check_name
 
@@ -144,8 +144,12 @@ class Catalog:
             loop = asyncio.get_running_loop()
             pool, spec = self.decoders, specs[0]
             threads = self.settings.decode_threads
+            limits = DecodeLimits.from_settings(self.settings)
             await asyncio.gather(
-                *(loop.run_in_executor(pool, warm_up_decoding, spec) for _ in range(threads))
+                *(
+                    loop.run_in_executor(pool, warm_up_decoding, spec, limits)
+                    for _ in range(threads)
+                )
             )
 
     @property
@@ -181,7 +185,7 @@ class Catalog:
             min(8, self._batch_size(classifier)),
         )
         if self.settings.warmup:
-            warm_up_decoding(classifier.spec.input)
+            warm_up_decoding(classifier.spec.input, DecodeLimits.from_settings(self.settings))
             classifier.warm_up(warm_up_sizes(self._batch_size(classifier)))
         return classifier, time.perf_counter() - started
 

@@ -11,6 +11,7 @@ from typing import Any
 
 PREFIX = "CONVSERVE_"
 BUNDLED_STORE = Path(__file__).resolve().parent.parent / "model_store"
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")  # Pillow's names for what we decode
 
 
 class SettingsError(ValueError):
@@ -65,6 +66,21 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _formats(text: str) -> tuple[str, ...]:
+    """Pillow format names; a typo would silently refuse every image, so each is checked."""
+    from PIL import Image  # only when the variable is set: importing Pillow is not free
+
+    names = tuple(name.upper() for name in _names(text))
+    if not names:
+        raise ValueError("must name at least one image format")
+    Image.init()
+    unknown = [name for name in names if name not in Image.OPEN]
+    if unknown:
+        known = ", ".join(sorted(Image.OPEN))
+        raise ValueError(f"{', '.join(unknown)}: not a format Pillow reads; known: {known}")
+    return names
+
+
 def _optional_threads(text: str) -> int | None:
     return _positive_int(text) if text.strip() else None
 
@@ -84,6 +100,7 @@ class Settings:
     deadline_ms: float = 30_000.0
     max_body_bytes: int = 16 * 1024 * 1024
     max_pixels: int = 40_000_000
+    formats: tuple[str, ...] = FORMATS
     max_images: int = 256
     default_model: str | None = None
     models: tuple[str, ...] = ()
@@ -139,6 +156,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "deadline_ms": _non_negative_float,
     "max_body_bytes": _positive_int,
     "max_pixels": _positive_int,
+    "formats": _formats,
     "max_images": _positive_int,
     "default_model": _optional_str,
     "models": _names,
@@ -167,6 +185,7 @@ HELP: dict[str, str] = {
     "deadline_ms": "a request not answered within this gets 504",
     "max_body_bytes": "largest request body (413 above)",
     "max_pixels": "largest decoded image in pixels (400 above)",
+    "formats": "comma-separated Pillow formats that may be decoded (415 for others)",
     "max_images": "most images in one request (413 above)",
     "default_model": "model served when a request names none",
     "models": "comma-separated model names to load (default: all in the store)",

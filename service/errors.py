@@ -4,6 +4,7 @@
     ├── BadRequestError (400)
     │   ├── InvalidImageError
     │   └── ImageTooLargeError
+    │       └── DecompressionBombError
     ├── NotFoundError (404)
     │   ├── ModelNotFoundError
     │   ├── VersionNotFoundError
@@ -12,6 +13,7 @@
     ├── RequestTimeoutError (408)
     ├── PayloadTooLargeError (413)
     ├── UnsupportedMediaTypeError (415)
+    │   └── UnsupportedImageFormatError
     ├── InvalidParameterError (422)
     ├── ModelRefusedError (422)
     ├── UnauthorizedError (401)
@@ -134,6 +136,13 @@ class UnsupportedMediaTypeError(ServiceError):
     status_code = 415
     title = "Unsupported media type"
     slug = "unsupported-media-type"
+
+
+class UnsupportedImageFormatError(UnsupportedMediaTypeError):
+    """The bytes are an image format outside CONVSERVE_FORMATS."""
+
+    title = "Unsupported image format"
+    slug = "unsupported-image-format"
 
 
 class InvalidParameterError(ServiceError):

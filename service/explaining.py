@@ -8,7 +8,7 @@ import torch
 
 from service.catalog import resolve_device
 from service.heatmaps import overlay_png
-from service.imaging import prepare_image
+from service.imaging import DecodeLimits, configure_decoding, prepare_image
 from service.store import ModelStore
 
 MAX_PIXELS = 40_000_000
@@ -33,8 +33,9 @@ def explain_file(
     name = model or names[0]
     number = version or max(store.versions(name), default=0)
     classifier = store.load(name, number, resolve_device("auto"))
+    configure_decoding(MAX_PIXELS)  # one image in a one-shot process: the global is ours
     prepared = prepare_image(
-        image.read_bytes(), classifier.spec.input, MAX_PIXELS, keep_display=True
+        image.read_bytes(), classifier.spec.input, DecodeLimits(MAX_PIXELS), keep_display=True
     )
     assert prepared.display is not None
     result = classifier.explain([prepared.array], method, layer, [target])

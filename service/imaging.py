@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.errors import DecompressionBombError, ImageTooLargeError, InvalidImageError
+from service.config import FORMATS, Settings
+from service.errors import (
+    DecompressionBombError,
+    ImageTooLargeError,
+    InvalidImageError,
+    UnsupportedImageFormatError,
+)
 from service.spec import InputSpec
 
 # A declared size this many times larger than the file's bytes is treated as a bomb, not a photo.
 BOMB_RATIO = 1000
 DISPLAY_MAX_SIDE = 1024
 DISPLAY_MIN_SIDE = 256  # tiny inputs (28x28 digits) are enlarged so a heatmap can be seen
-# open_image() enforces CONVSERVE_MAX_PIXELS on the declared size before any pixel is decoded.
-# Pillow's own global guard would only warn (from worker threads) below twice its limit.
-Image.MAX_IMAGE_PIXELS = None
+BAND_PIXELS = 1 << 20  # wide conversions run over bands of rows this large, not whole images
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -26,7 +34,23 @@ _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
 }
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}
+# round(v * 255 / 65535) for every 16-bit value, in integers: (v + 128) // 257
+_SIXTEEN_TO_EIGHT = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)
+_PILLOW_PIXELS = re.compile(r"Image size \((\d+) pixels\)")
+_PILLOW_BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one decode may cost and which Pillow plugins may read the bytes."""
+
+    max_pixels: int
+    formats: tuple[str, ...] = FORMATS
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DecodeLimits:
+        return cls(settings.max_pixels, settings.formats)
 
 
 @dataclass(frozen=True)
@@ -38,45 +62,115 @@ class PreparedImage:
     box: Box  # region of the display picture the network saw: left, top, right, bottom
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
+def configure_decoding(max_pixels: int) -> int:
+    """Pillow's bomb guard at our pixel limit, its warning band (1x to 2x) an error; returns the
+    limit it replaced, for an app that stops to put back.
+
+    Only this guard sees the frames inside containers (ICO, ICNS, MPO, GIF frames, TIFF
+    tiles) before they are allocated; our own check sees the declared size alone. Both are
+    process-wide Pillow/warnings state: call once per process, before decode threads start
+    (per-call catch_warnings would not be thread-safe)."""
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    found = Image.MAX_IMAGE_PIXELS or max_pixels  # never hand back None: that switches it off
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+    return found
+
+
+def _too_large(
+    pixels: int, nbytes: int, limits: DecodeLimits, what: str, size: tuple[int, int] | None = None
+) -> ImageTooLargeError:
+    """A bomb when the size is out of all proportion to the bytes sent, else just too large."""
+    shown = f"{size[0]}x{size[1]} = {pixels:,}" if size else f"{pixels:,}"
+    if pixels > BOMB_RATIO * nbytes:
+        return DecompressionBombError(
+            f"{what} declares {shown} pixels in a {nbytes:,}-byte file "
+            f"(limit {limits.max_pixels:,}); refused as a decompression bomb"
+        )
+    return ImageTooLargeError(f"{what} is {shown} pixels; the limit is {limits.max_pixels:,}")
+
+
+def _refused(exc: Exception, nbytes: int, limits: DecodeLimits, what: str) -> ImageTooLargeError:
+    """Pillow's guard tripped: our error, with the size Pillow saw."""
+    found = _PILLOW_PIXELS.search(str(exc))
+    if found is None:  # Pillow reworded its message: refuse all the same
+        return DecompressionBombError(
+            f"{what} exceeds the limit of {limits.max_pixels:,} pixels; refused as a "
+            f"decompression bomb ({exc})"
+        )
+    return _too_large(int(found[1]), nbytes, limits, what)
+
+
+def _check_size(size: tuple[int, int], nbytes: int, limits: DecodeLimits) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise InvalidImageError(f"image has an empty size {width}x{height}")
+    if width * height > limits.max_pixels:
+        raise _too_large(width * height, nbytes, limits, "the image", size)
+
+
+def detect_format(prefix: bytes) -> str | None:
+    """The Pillow format whose signature the bytes start with, from each plugin's `accept`
+    test on the first 16 bytes: no plugin outside the allowlist ever parses the file."""
+    Image.init()  # registers every plugin's signature test; reads nothing
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        with contextlib.suppress(Exception):  # a signature test may trip on odd prefixes
+            if accept is not None and accept(prefix[:16]):
+                return name
+    return None
+
+
+def _unidentified(data: bytes, limits: DecodeLimits) -> Exception:
+    """415 for a format we recognise but do not allow, 400 for bytes nobody can identify."""
+    detected = detect_format(data)
+    allowed = ", ".join(limits.formats)
+    if detected is not None and detected not in limits.formats:
+        return UnsupportedImageFormatError(
+            f"the image is {detected}, a format this server does not decode; "
+            f"allowed formats: {allowed} (CONVSERVE_FORMATS)"
+        )
+    looks = f"; it starts like {detected} but its header is malformed" if detected else ""
+    return InvalidImageError(
+        f"cannot identify an image in the {len(data):,} bytes sent{looks}; "
+        f"send a file in one of: {allowed}"
+    )
+
+
+def open_image(data: bytes, limits: DecodeLimits) -> Image.Image:
     """Open and check an image without decoding its pixels; refuse bombs before they explode."""
     if not data:
         raise InvalidImageError("no image data (0 bytes); send the bytes of an image file")
     try:
-        image = Image.open(io.BytesIO(data))
+        # only the allowed plugins look at the bytes; JPEG may hand over to MPO, whose first
+        # frame is a plain JPEG
+        image = Image.open(io.BytesIO(data), formats=limits.formats)
     except UnidentifiedImageError:
-        raise InvalidImageError(
-            f"cannot identify an image in the {len(data):,} bytes sent; "
-            "send a file Pillow reads (JPEG, PNG, GIF, WebP, BMP, TIFF, ...)"
-        ) from None
+        raise _unidentified(data, limits) from None
+    except _PILLOW_BOMB as exc:
+        raise _refused(exc, len(data), limits, "the image") from None
     except Exception as exc:  # Pillow's plugins raise many types on malformed headers
         raise InvalidImageError(f"cannot read the image header: {exc}") from None
-    width, height = image.size
-    pixels = width * height
-    if width < 1 or height < 1:
-        raise InvalidImageError(f"image has an empty size {width}x{height}")
-    if pixels > max_pixels:
-        if pixels > BOMB_RATIO * len(data):
-            raise DecompressionBombError(
-                f"a {len(data):,}-byte file declares {width}x{height} = {pixels:,} pixels "
-                f"(limit {max_pixels:,}); refused as a decompression bomb"
-            )
-        raise ImageTooLargeError(
-            f"image is {width}x{height} = {pixels:,} pixels; the limit is {max_pixels:,}"
-        )
+    _check_size(image.size, len(data), limits)  # also when Pillow's global guard is set higher
     return image
 
 
-def decode_image(data: bytes, max_pixels: int, draft: tuple[str, int] | None = None) -> Image.Image:
+def decode_image(
+    data: bytes, limits: DecodeLimits, draft: tuple[str, int] | None = None
+) -> Image.Image:
     """Decode the first frame with EXIF orientation applied; `draft` lets JPEG decode shrink."""
-    image = open_image(data, max_pixels)
+    image = open_image(data, limits)
     try:
         if draft is not None and image.format == "JPEG":
             mode, side = draft
             image.draft(mode, (side, side))
         image.load()
+    except _PILLOW_BOMB as exc:  # a frame inside a container (ICO, ICNS, ...) is the bomb
+        raise _refused(exc, len(data), limits, "an embedded frame") from None
     except Exception as exc:
         raise InvalidImageError(f"the image data is corrupt or truncated: {exc}") from None
+    _check_size(image.size, len(data), limits)  # a container may load another size (ICO does)
     # in place: without an Orientation tag the copying variant would copy every image; a
     # broken EXIF block should not cost the user their prediction
     with contextlib.suppress(Exception):
@@ -84,16 +178,38 @@ def decode_image(data: bytes, max_pixels: int, draft: tuple[str, int] | None = N
     return image
 
 
+def _banded(image: Image.Image, convert: Callable[[np.ndarray], np.ndarray]) -> Image.Image:
+    """8-bit L from `convert` applied to bands of rows: a 40 MP image never has a whole-image
+    numpy copy, only the L result and one band at a time."""
+    width, height = image.size
+    result = Image.new("L", image.size)
+    rows = max(1, BAND_PIXELS // width)
+    for top in range(0, height, rows):
+        band = np.asarray(image.crop((0, top, width, min(top + rows, height))))
+        result.paste(Image.fromarray(convert(band).astype(np.uint8)), (0, top))
+    return result
+
+
 def _sixteen_to_eight(image: Image.Image) -> Image.Image:
     """Scale 16/32-bit grey to 8 bits over the full range instead of clipping at 255."""
-    array = np.asarray(image, dtype=np.float64)
+    if image.mode in _SIXTEEN_BIT:
+        return _banded(image, lambda band: np.take(_SIXTEEN_TO_EIGHT, band))
+    low, high = cast("tuple[float, float]", image.getextrema())  # one band: (min, max)
     if image.mode == "F":
-        low, high = float(array.min()), float(array.max())
-        scale = 1.0 if high <= 1.0 and low >= 0.0 else 1.0 / max(high - low, 1e-12)
-        array = (array - (0.0 if scale == 1.0 else low)) * scale * 255.0
-    elif image.mode in _SIXTEEN_BIT or array.max() > 255:
-        array = array * (255.0 / 65535.0)
-    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
+        # values in 0..1 are a fraction of white; anything else is stretched over its range
+        offset, scale = (
+            (0.0, 1.0) if low >= 0.0 and high <= 1.0 else (low, 1.0 / max(high - low, 1e-12))
+        )
+
+        def stretch(band: np.ndarray) -> np.ndarray:
+            with np.errstate(invalid="ignore", over="ignore"):  # NaN -> black, inf clips
+                scaled = np.nan_to_num((band.astype(np.float64) - offset) * scale * 255.0)
+            return np.clip(np.rint(scaled), 0, 255)
+
+        return _banded(image, stretch)
+    if high > 255:  # 32-bit integers holding 16-bit data: scale them, clip the rest
+        return _banded(image, lambda band: np.take(_SIXTEEN_TO_EIGHT, np.clip(band, 0, 65535)))
+    return _banded(image, lambda band: np.clip(band, 0, 255))
 
 
 def to_visible(image: Image.Image) -> Image.Image:
@@ -103,9 +219,12 @@ def to_visible(image: Image.Image) -> Image.Image:
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in {"RGBA", "LA", "PA", "La", "RGBa"}:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        # pasting through the alpha onto white equals alpha_composite over opaque white, pixel
+        # for pixel, without two more full-size RGBA copies
+        flat = Image.new("RGB", rgba.size, (255, 255, 255))
+        flat.paste(rgba, mask=rgba)
+        return flat
     if image.mode in {"L", "RGB"}:
         return image
     if image.mode == "1":
@@ -151,24 +270,27 @@ def _display(image: Image.Image) -> Image.Image:
     return rgb
 
 
-def warm_up_decoding(spec: InputSpec) -> None:
-    """Decode one JPEG and one PNG the way requests will: Pillow loads its codecs lazily, and the
-    first image would otherwise pay for that (about 20 ms)."""
-    ramp = np.linspace(0, 255, 64 * 48 * 3).astype(np.uint8).reshape(48, 64, 3)
+def warm_up_decoding(spec: InputSpec, limits: DecodeLimits) -> None:
+    """Decode one JPEG and one PNG (those allowed) the way requests will: Pillow loads its codecs
+    lazily, and the first image would otherwise pay for that (about 20 ms)."""
+    width = min(64, limits.max_pixels)  # within the pixel limit, however low it is set
+    height = max(1, min(48, limits.max_pixels // width))
+    ramp = np.linspace(0, 255, width * height * 3).astype(np.uint8).reshape(height, width, 3)
     picture = Image.fromarray(ramp)
     for fmt in ("JPEG", "PNG"):
-        encoded = io.BytesIO()
-        picture.save(encoded, format=fmt)
-        prepare_image(encoded.getvalue(), spec, picture.width * picture.height, keep_display=True)
+        if fmt in limits.formats:
+            encoded = io.BytesIO()
+            picture.save(encoded, format=fmt)
+            prepare_image(encoded.getvalue(), spec, limits, keep_display=True)
 
 
 def prepare_image(
-    data: bytes, spec: InputSpec, max_pixels: int, *, keep_display: bool = False
+    data: bytes, spec: InputSpec, limits: DecodeLimits, *, keep_display: bool = False
 ) -> PreparedImage:
     """Bytes -> (C, H, W) float32 normalized as model.json says; runs in a worker thread."""
     mode = "L" if spec.channels == 1 else "RGB"
     side = max(spec.height, spec.width, spec.resize_size or 0)
-    decoded = decode_image(data, max_pixels, None if keep_display else (mode, side))
+    decoded = decode_image(data, limits, None if keep_display else (mode, side))
     visible = to_visible(decoded)
     box = crop_box(visible.size, spec)
     # convert() to the same mode would copy the image for nothing

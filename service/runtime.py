@@ -17,6 +17,7 @@ from service import metrics
 from service.catalog import Catalog, resolve_device
 from service.config import Settings
 from service.errors import ShuttingDownError
+from service.imaging import configure_decoding
 from service.store import ModelStore
 from service.watching import StoreWatcher
 
@@ -46,8 +47,12 @@ class Runtime:
         self.inflight = 0
         self.started_at = time.monotonic()
         self._loading: asyncio.Task[None] | None = None
+        self._found_max_pixels: int | None = None
 
     async def start(self) -> None:
+        # Pillow's bomb guard is process-wide: set before any decode, put back on stop, so apps
+        # built one after another in a process (tests, embedding) each get their own limit
+        self._found_max_pixels = configure_decoding(self.settings.max_pixels)
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
         metrics.READY.set(0)
@@ -104,6 +109,8 @@ class Runtime:
         await self.catalog.stop()
         for pool in (self.decoders, self.inference, self.loader):
             pool.shutdown(wait=False, cancel_futures=True)
+        if self._found_max_pixels is not None:
+            configure_decoding(self._found_max_pixels)
 
 
 RuntimeDep = NamedDependency[Runtime]

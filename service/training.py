@@ -14,13 +14,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from service.imaging import prepare_image
+from service.imaging import DecodeLimits, prepare_image
 from service.registry import build_model, get_architecture
 from service.spec import InputSpec, ModelSpec, TrainingMetrics, now_iso
 from service.store import ModelStore
 
 MNIST_FILE = "data/data/mnist_5k.csv.gz"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+LIMITS = DecodeLimits(10**9)  # a training folder holds the user's own pictures, not uploads
 
 
 @dataclass
@@ -81,7 +82,7 @@ def load_image_folder(root: Path, input_spec: InputSpec) -> Dataset:
     for index, name in enumerate(classes):
         for path in sorted((root / name).rglob("*")):
             if path.suffix.lower() in IMAGE_SUFFIXES:
-                images.append(prepare_image(path.read_bytes(), plain, 10**9).array)
+                images.append(prepare_image(path.read_bytes(), plain, LIMITS).array)
                 targets.append(index)
     if not images:
         raise ValueError(f"no images found under {root}")

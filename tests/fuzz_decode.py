@@ -12,7 +12,7 @@ import atheris
 
 with atheris.instrument_imports():
     from service.errors import ServiceError
-    from service.imaging import prepare_image
+    from service.imaging import DecodeLimits, configure_decoding, prepare_image
     from service.spec import InputSpec
 
 SPECS = [
@@ -21,13 +21,13 @@ SPECS = [
     InputSpec(channels=3, height=224, width=224, mean=[0.485, 0.456, 0.406],
               std=[0.229, 0.224, 0.225], resize="center_crop", resize_size=256),
 ]  # fmt: skip
-MAX_PIXELS = 4_000_000
+LIMITS = DecodeLimits(4_000_000)
 
 
 def test_one_input(data: bytes) -> None:
     spec = SPECS[data[0] % 2] if data else SPECS[0]
     try:
-        prepared = prepare_image(data, spec, MAX_PIXELS, keep_display=bool(data[-1:] == b"\x01"))
+        prepared = prepare_image(data, spec, LIMITS, keep_display=bool(data[-1:] == b"\x01"))
     except ServiceError:
         return
     assert prepared.array.shape == (spec.channels, spec.height, spec.width)
@@ -35,5 +35,6 @@ def test_one_input(data: bytes) -> None:
 
 
 if __name__ == "__main__":
+    configure_decoding(LIMITS.max_pixels)
     atheris.Setup(sys.argv, test_one_input)
     atheris.Fuzz()

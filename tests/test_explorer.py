@@ -20,7 +20,7 @@ from service.classifier import Classifier
 from service.config import Settings
 from service.convolution import open_convolution
 from service.heatmaps import heatmap_layers
-from service.imaging import prepare_image
+from service.imaging import DecodeLimits, prepare_image
 from service.importing import import_torchvision
 from service.spec import InputSpec, ModelSpec, now_iso
 from service.store import ModelStore
@@ -124,7 +124,7 @@ async def test_maps_equal_the_forward_pass(
         maps = await post_maps(client, model, layer, body)
         assert maps["model"] == {"name": model, "version": 1}
         assert maps["after"] == [{"name": activation, "type": "ReLU"}]
-        array = prepare_image(body, classifier.spec.input, 10**6).array
+        array = prepare_image(body, classifier.spec.input, DecodeLimits(10**6)).array
         taps = Taps(classifier.module, [layer, activation])
         try:
             with torch.inference_mode():

@@ -17,7 +17,7 @@ from PIL import Image
 from service.app import create_app
 from service.classifier import Classifier
 from service.config import Settings
-from service.imaging import prepare_image
+from service.imaging import DecodeLimits, prepare_image
 from service.importing import import_torchvision
 from service.store import ModelStore
 from tests.conftest import app_client
@@ -162,7 +162,7 @@ async def test_gradcam_matches_a_plain_reference_within_1e5(client: httpx.AsyncC
     classifier = ModelStore(BUNDLED_STORE).load("digits", 1, CPU)
     for digit in held_out_digits(5):
         data = png_bytes(digit.image)
-        array = prepare_image(data, classifier.spec.input, 10**6).array
+        array = prepare_image(data, classifier.spec.input, DecodeLimits(10**6)).array
         for layer, module in (("conv2", "relu2"), ("conv1", "relu1")):
             heatmap = heatmap_of(
                 await client.post(

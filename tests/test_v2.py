@@ -13,7 +13,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from service.imaging import prepare_image
+from service.imaging import DecodeLimits, prepare_image
 from service.spec import read_spec
 from tests.support import BUNDLED_STORE, ServerProcess, held_out_digits, png_bytes, running_server
 
@@ -67,7 +67,9 @@ def test_bytes_images_through_the_official_client(
 def test_fp32_tensors_and_classification(client: triton.InferenceServerClient) -> None:
     spec = read_spec(BUNDLED_STORE / "lenet5" / "1" / "model.json")
     digits = held_out_digits(4)
-    batch = np.stack([prepare_image(png_bytes(d.image), spec.input, 10**6).array for d in digits])
+    batch = np.stack(
+        [prepare_image(png_bytes(d.image), spec.input, DecodeLimits(10**6)).array for d in digits]
+    )
     for binary in (True, False):
         tensor = triton.InferInput("input", list(batch.shape), "FP32")
         tensor.set_data_from_numpy(batch, binary_data=binary)

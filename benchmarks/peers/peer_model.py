@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from service.config import Settings
-from service.imaging import prepare_image
+from service.imaging import DecodeLimits, configure_decoding, prepare_image
 from service.store import load_classifier
 
 TOP_K = 5
@@ -71,7 +71,8 @@ class PeerModel:
         self.module = self.classifier.module
         self.spec = self.classifier.spec.input
         self.labels = self.classifier.labels
-        self.max_pixels = Settings().max_pixels
+        self.limits = DecodeLimits.from_settings(Settings())
+        configure_decoding(self.limits.max_pixels)  # as convserve's runtime does
         self.threads = torch.get_num_threads()
         example = np.zeros((self.spec.channels, self.spec.height, self.spec.width), np.float32)
         for size in sorted({1, warm_batch}):  # convserve warms up its batch sizes too
@@ -80,7 +81,7 @@ class PeerModel:
 
     def prepare(self, data: bytes) -> np.ndarray:
         """Raw image bytes -> (C, H, W) float32, exactly as convserve prepares them."""
-        return prepare_image(data, self.spec, self.max_pixels).array
+        return prepare_image(data, self.spec, self.limits).array
 
     def forward(self, arrays: list[np.ndarray]) -> np.ndarray:
         batch = torch.from_numpy(np.stack(arrays))

@@ -14,7 +14,7 @@ from service.api.uploads import Upload
 from service.batching import Outcome, Task, gather_first_error
 from service.catalog import Deployment
 from service.errors import ServiceError
-from service.imaging import PreparedImage, prepare_image
+from service.imaging import DecodeLimits, PreparedImage, prepare_image
 from service.runtime import Runtime
 
 
@@ -25,9 +25,8 @@ def _prepare(
     started = time.perf_counter()
     spec = deployment.classifier.spec.input
     try:
-        prepared = prepare_image(
-            upload.data, spec, runtime.settings.max_pixels, keep_display=keep_display
-        )
+        limits = DecodeLimits.from_settings(runtime.settings)
+        prepared = prepare_image(upload.data, spec, limits, keep_display=keep_display)
     except ServiceError as exc:
         if upload.label != "body":
             exc.detail = f"{upload.label}: {exc.detail}"

@@ -19,7 +19,7 @@ from service.api.schemas import ModelRef
 from service.api.uploads import read_uploads
 from service.convolution import Convolution, conv_point, open_convolution
 from service.errors import BadRequestError, DeadlineExceededError
-from service.imaging import prepare_image
+from service.imaging import DecodeLimits, prepare_image
 from service.runtime import RuntimeDep
 
 
@@ -131,7 +131,7 @@ async def maps(
                 prepare_image,
                 uploads[0].data,
                 classifier.spec.input,
-                runtime.settings.max_pixels,
+                DecodeLimits.from_settings(runtime.settings),
             )
             # the inference thread: one forward pass at a time, never beside a batch on the module
             work = loop.run_in_executor(

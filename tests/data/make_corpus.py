@@ -370,7 +370,11 @@ def cases() -> list[tuple[dict[str, Any], bytes]]:
         return {"name": name, "kind": "http", "status": status, "detail": fragment}
 
     bomb = "decompression bomb"
-    refused = "not allowed"  # CONVSERVE_FORMATS: the detail names the format and the allowlist
+
+    def refused(fmt: str) -> str:
+        """CONVSERVE_FORMATS refuses it: the detail names the format Pillow detected."""
+        return f"the image is {fmt}, a format this server does not decode; allowed formats:"
+
     images = [
         (upload("empty", "image/png", 400, "no image data"), b""),
         (upload("truncated-jpeg", "image/jpeg", 400, "truncated"), jpeg[: len(jpeg) // 2]),
@@ -415,22 +419,24 @@ def cases() -> list[tuple[dict[str, Any], bytes]]:
         (upload("bmp-bomb", "image/bmp", 400, bomb), bmp_bomb()),
         (upload("tiff-bomb", "image/tiff", 400, bomb), tiff_bomb()),
         # containers with embedded frames
-        (upload("icns-huge-png", "image/x-icns", 415, refused),
+        (upload("icns-huge-png", "image/x-icns", 415, refused("ICNS")),
          icns(b"ic10", png_bomb(65535, 65535))),
-        (upload("icns-huge-jpeg2000", "image/x-icns", 415, refused),
+        (upload("icns-huge-jpeg2000", "image/x-icns", 415, refused("ICNS")),
          icns(b"ic10", jpeg2000_huge(picture))),
-        (upload("ico-huge-png", "image/x-icon", 415, refused),
+        (upload("ico-huge-png", "image/x-icon", 415, refused("ICO")),
          icon_directory(1, png_bomb(65535, 65535))),
-        (upload("cur-huge-png", "image/x-icon", 415, refused),
+        (upload("cur-huge-png", "image/x-icon", 415, refused("CUR")),
          icon_directory(2, png_bomb(65535, 65535))),
         (upload("mpo", "image/jpeg", 200, label=label), mpo(picture, digit_picture(digits[1]))),
         (upload("tiff-huge-second-page", "image/tiff", 200, label=label),
          tiff_huge_second_page(picture)),
-        (upload("tiff-huge-tiles", "image/tiff", 400), tiff_huge_tiles(picture)),
-        (upload("dds", "image/vnd-ms.dds", 415, refused), png_bytes(picture, "DDS")),
-        (upload("psd", "image/vnd.adobe.photoshop", 415, refused), psd(picture)),
-        (upload("jpeg2000", "image/jp2", 415, refused), jpeg2000(picture, "j2k")),
-        (upload("jpeg2000-huge-canvas", "image/jp2", 415, refused), jpeg2000_huge(picture)),
+        (upload("tiff-huge-tiles", "image/tiff", 400, "corrupt or truncated"),
+         tiff_huge_tiles(picture)),
+        (upload("dds", "image/vnd-ms.dds", 415, refused("DDS")), png_bytes(picture, "DDS")),
+        (upload("psd", "image/vnd.adobe.photoshop", 415, refused("PSD")), psd(picture)),
+        (upload("jpeg2000", "image/jp2", 415, refused("JPEG2000")), jpeg2000(picture, "j2k")),
+        (upload("jpeg2000-huge-canvas", "image/jp2", 415, refused("JPEG2000")),
+         jpeg2000_huge(picture)),
         # slow but legal: just under CONVSERVE_MAX_PIXELS, 16 bits a sample
         (upload("png-16bit-40mp", "image/png", 200, label=label),
          png_16bit_largest_legal(digits[0])),

@@ -32,6 +32,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a number > 0")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -115,6 +122,11 @@ class Settings:
     decode_threads: int = min(4, os.cpu_count() or 2)
     drain_s: float = 30.0
     drain_delay_s: float = 1.0
+    max_header_count: int = 100
+    max_header_bytes: int = 64 * 1024
+    max_request_line_bytes: int = 8 * 1024
+    header_timeout_s: float = 10.0
+    max_connections: int = 1024
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -171,6 +183,11 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "decode_threads": _positive_int,
     "drain_s": _non_negative_float,
     "drain_delay_s": _non_negative_float,
+    "max_header_count": _positive_int,
+    "max_header_bytes": _positive_int,
+    "max_request_line_bytes": _positive_int,
+    "header_timeout_s": _positive_float,
+    "max_connections": _positive_int,
 }
 
 HELP: dict[str, str] = {
@@ -200,4 +217,9 @@ HELP: dict[str, str] = {
     "decode_threads": "threads that decode and preprocess images",
     "drain_s": "longest graceful shutdown waits for admitted requests",
     "drain_delay_s": "after SIGTERM, report not ready at least this long before closing sockets",
+    "max_header_count": "most header fields in one request (431 above)",
+    "max_header_bytes": "largest total of a request's header fields in bytes (431 above)",
+    "max_request_line_bytes": "longest request line, method and target, in bytes (414 above)",
+    "header_timeout_s": "a connection must send a whole request head this soon (408, closed)",
+    "max_connections": "open connections per worker process; beyond it 503 and closed",
 }

@@ -3,8 +3,9 @@
     ServiceError
     ├── BadRequestError (400)
     │   ├── InvalidImageError
-    │   └── ImageTooLargeError
-    │       └── DecompressionBombError
+    │   ├── ImageTooLargeError
+    │   │   └── DecompressionBombError
+    │   └── MalformedRequestError
     ├── NotFoundError (404)
     │   ├── ModelNotFoundError
     │   ├── VersionNotFoundError
@@ -12,6 +13,7 @@
     ├── NotAcceptableError (406)
     ├── RequestTimeoutError (408)
     ├── PayloadTooLargeError (413)
+    ├── UriTooLongError (414)
     ├── UnsupportedMediaTypeError (415)
     │   └── UnsupportedImageFormatError
     ├── InvalidParameterError (422)
@@ -19,16 +21,20 @@
     ├── UnauthorizedError (401)
     ├── ForbiddenError (403)
     ├── ConflictError (409)
+    ├── HeadersTooLargeError (431)
     ├── InferenceError (500)
     ├── UnavailableError (503)
     │   ├── QueueFullError
-    │   └── ModelNotReadyError
+    │   ├── ModelNotReadyError
+    │   └── TooManyConnectionsError
     └── DeadlineExceededError (504)
 
     ModelLoadError, ArchitectureError: raised while building or loading a model; not HTTP
     errors by themselves (the store reports them per model, the CLI prints them).
 
-Domain code raises these; app.py turns them into RFC 9457 problem+json in one place.
+Domain code raises these; app.py turns them into RFC 9457 problem+json in one place. Requests
+refused before they reach the app (malformed, over the head limits, too many connections) are
+rendered the same way by service/protocols.py.
 """
 
 from __future__ import annotations
@@ -73,6 +79,12 @@ class ImageTooLargeError(BadRequestError):
 class DecompressionBombError(ImageTooLargeError):
     title = "Decompression bomb"
     slug = "decompression-bomb"
+
+
+class MalformedRequestError(BadRequestError):
+    """Broken HTTP framing; answered by the protocol (service/protocols.py), not the app."""
+
+    slug = "malformed-request"
 
 
 class UnauthorizedError(ServiceError):
@@ -132,6 +144,18 @@ class PayloadTooLargeError(ServiceError):
     slug = "payload-too-large"
 
 
+class UriTooLongError(ServiceError):
+    status_code = 414
+    title = "URI too long"
+    slug = "uri-too-long"
+
+
+class HeadersTooLargeError(ServiceError):
+    status_code = 431
+    title = "Request header fields too large"
+    slug = "headers-too-large"
+
+
 class UnsupportedMediaTypeError(ServiceError):
     status_code = 415
     title = "Unsupported media type"
@@ -179,6 +203,11 @@ class QueueFullError(UnavailableError):
 class ModelNotReadyError(UnavailableError):
     title = "Model not ready"
     slug = "model-not-ready"
+
+
+class TooManyConnectionsError(UnavailableError):
+    title = "Too many connections"
+    slug = "too-many-connections"
 
 
 class ShuttingDownError(UnavailableError):

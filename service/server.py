@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import resource
 import signal
 import tempfile
 import time
@@ -16,10 +18,11 @@ from uvicorn.supervisors import Multiprocess
 from service.api.access import configure_logging
 from service.app import create_app
 from service.config import Settings
-from service.protocols import ProblemHttpProtocol
+from service.protocols import HttpLimits, LimitedConfig
 from service.runtime import Runtime
 
 log = logging.getLogger("convserve")
+SPARE_FILES = 256  # descriptors a worker needs besides connections: weights, logs, decoders
 
 
 class DrainingServer(uvicorn.Server):
@@ -65,9 +68,37 @@ def app_from_env() -> object:
     return create_app(settings)
 
 
+def file_limited(limits: HttpLimits) -> HttpLimits:
+    """Raise the soft open-file limit to fit the connection cap, or lower the cap to fit it.
+
+    A cap above what the process may open lets idle sockets take every descriptor, and then
+    new clients fail at accept; the limit is inherited by worker processes.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = limits.max_connections + SPARE_FILES
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if raised > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        fitting = max(1, soft - SPARE_FILES)
+        log.warning(
+            "open-file limit %d (ulimit -n) leaves room for %d connections, not "
+            "CONVSERVE_MAX_CONNECTIONS=%d; capping at %d",
+            soft,
+            fitting,
+            limits.max_connections,
+            fitting,
+        )
+        return dataclasses.replace(limits, max_connections=fitting)
+    return limits
+
+
 def _config(settings: Settings, app: Any, **extra: Any) -> uvicorn.Config:
-    return uvicorn.Config(
+    return LimitedConfig(
         app,
+        limits=file_limited(HttpLimits.from_settings(settings)),
         host=settings.host,
         port=settings.port,
         log_config=None,
@@ -75,7 +106,6 @@ def _config(settings: Settings, app: Any, **extra: Any) -> uvicorn.Config:
         timeout_graceful_shutdown=int(settings.drain_s) + 1,
         backlog=4096,
         timeout_keep_alive=30,
-        http=ProblemHttpProtocol,
         **extra,
     )
 

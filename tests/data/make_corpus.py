@@ -443,9 +443,10 @@ def cases() -> list[tuple[dict[str, Any], bytes]]:
     ]  # fmt: skip
     image = png_bytes(digits[0].image)
     requests = [
-        (http("header-1mb", 431), header_flood(1, 1024 * 1024)),
-        (http("headers-10000", 431), header_flood(10_000, 8)),
-        (http("request-line-16kb", 414), http_request("GET", "/health/live?q=" + "a" * 16_500)),
+        (http("header-1mb", 431, "header fields may total"), header_flood(1, 1024 * 1024)),
+        (http("headers-10000", 431, "header fields in one request"), header_flood(10_000, 8)),
+        (http("request-line-16kb", 414, "the request line"),
+         http_request("GET", "/health/live?q=" + "a" * 16_500)),
         (http("v2-outputs-amplified", 400),
          v2_infer(v2_image(image, [{"name": "probabilities"}] * 20_000))),
         (http("v2-bytes-flood-json", 413),

@@ -102,22 +102,22 @@ def _refused(exc: Exception, nbytes: int, limits: DecodeLimits, what: str) -> Im
     return _too_large(int(found[1]), nbytes, limits, what)
 
 
-def _check_size(size: tuple[int, int], nbytes: int, limits: DecodeLimits) -> None:
-    width, height = size
+def _check_size(image: Image.Image, nbytes: int, limits: DecodeLimits) -> None:
+    width, height = image.size
     if width < 1 or height < 1:
         raise InvalidImageError(f"image has an empty size {width}x{height}")
     if width * height > limits.max_pixels:
-        raise _too_large(width * height, nbytes, limits, "the image", size)
+        raise _too_large(width * height, nbytes, limits, f"the {image.format} image", image.size)
 
 
-def detect_format(prefix: bytes) -> str | None:
+def detect_format(data: bytes) -> str | None:
     """The Pillow format whose signature the bytes start with, from each plugin's `accept`
     test on the first 16 bytes: no plugin outside the allowlist ever parses the file."""
     Image.init()  # registers every plugin's signature test; reads nothing
     for name in Image.ID:
         accept = Image.OPEN[name][1]
         with contextlib.suppress(Exception):  # a signature test may trip on odd prefixes
-            if accept is not None and accept(prefix[:16]):
+            if accept is not None and accept(data[:16]):
                 return name
     return None
 
@@ -127,9 +127,9 @@ def _unidentified(data: bytes, limits: DecodeLimits) -> Exception:
     detected = detect_format(data)
     allowed = ", ".join(limits.formats)
     if detected is not None and detected not in limits.formats:
-        return UnsupportedImageFormatError(
-            f"the image is {detected}, a format this server does not decode; "
-            f"allowed formats: {allowed} (CONVSERVE_FORMATS)"
+        return UnsupportedImageFormatError(  # a 4-byte signature can be shared: "looks like"
+            f"the image looks like {detected} (by its first bytes), a format this server does "
+            f"not decode; allowed formats: {allowed} (CONVSERVE_FORMATS)"
         )
     looks = f"; it starts like {detected} but its header is malformed" if detected else ""
     return InvalidImageError(
@@ -148,11 +148,14 @@ def open_image(data: bytes, limits: DecodeLimits) -> Image.Image:
         image = Image.open(io.BytesIO(data), formats=limits.formats)
     except UnidentifiedImageError:
         raise _unidentified(data, limits) from None
-    except _PILLOW_BOMB as exc:
-        raise _refused(exc, len(data), limits, "the image") from None
+    except _PILLOW_BOMB as exc:  # the image, or a frame a container (ICO) reads while opening
+        name = detect_format(data)
+        raise _refused(
+            exc, len(data), limits, f"the {name} image" if name else "the image"
+        ) from None
     except Exception as exc:  # Pillow's plugins raise many types on malformed headers
         raise InvalidImageError(f"cannot read the image header: {exc}") from None
-    _check_size(image.size, len(data), limits)  # also when Pillow's global guard is set higher
+    _check_size(image, len(data), limits)  # also when Pillow's global guard is set higher
     return image
 
 
@@ -170,7 +173,7 @@ def decode_image(
         raise _refused(exc, len(data), limits, "an embedded frame") from None
     except Exception as exc:
         raise InvalidImageError(f"the image data is corrupt or truncated: {exc}") from None
-    _check_size(image.size, len(data), limits)  # a container may load another size (ICO does)
+    _check_size(image, len(data), limits)  # a container may load another size (ICO does)
     # in place: without an Orientation tag the copying variant would copy every image; a
     # broken EXIF block should not cost the user their prediction
     with contextlib.suppress(Exception):
@@ -179,14 +182,16 @@ def decode_image(
 
 
 def _banded(image: Image.Image, convert: Callable[[np.ndarray], np.ndarray]) -> Image.Image:
-    """8-bit L from `convert` applied to bands of rows: a 40 MP image never has a whole-image
-    numpy copy, only the L result and one band at a time."""
+    """8-bit L from `convert` applied to bands of rows (a very wide row is cut too): a 40 MP
+    image never has a whole-image numpy copy, only the L result and one band at a time."""
     width, height = image.size
     result = Image.new("L", image.size)
-    rows = max(1, BAND_PIXELS // width)
+    rows, columns = max(1, BAND_PIXELS // width), min(width, BAND_PIXELS)
     for top in range(0, height, rows):
-        band = np.asarray(image.crop((0, top, width, min(top + rows, height))))
-        result.paste(Image.fromarray(convert(band).astype(np.uint8)), (0, top))
+        for left in range(0, width, columns):
+            box = (left, top, min(left + columns, width), min(top + rows, height))
+            band = np.asarray(image.crop(box))
+            result.paste(Image.fromarray(convert(band).astype(np.uint8)), box[:2])
     return result
 
 
@@ -261,13 +266,16 @@ def _normalize(image: Image.Image, spec: InputSpec, invert: bool) -> np.ndarray:
 
 def _display(image: Image.Image) -> Image.Image:
     """The picture heatmaps are drawn on: the upload's size, kept within 256..1024 px long."""
-    rgb = image.convert("RGB")
-    longest = max(rgb.size)
+    longest = max(image.size)
     if longest < DISPLAY_MIN_SIDE:
         factor = -(-DISPLAY_MIN_SIDE // longest)
-        return rgb.resize((rgb.width * factor, rgb.height * factor), Image.Resampling.NEAREST)
-    rgb.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE), Image.Resampling.BILINEAR)
-    return rgb
+        size = (image.width * factor, image.height * factor)
+        return image.convert("RGB").resize(size, Image.Resampling.NEAREST)
+    # shrunk before grey becomes RGB: resampling three equal bands is resampling one, and a
+    # 40 MP grey upload is not copied to 120 MB of RGB first
+    shown = image.copy()  # thumbnail() works in place
+    shown.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE), Image.Resampling.BILINEAR)
+    return shown.convert("RGB")
 
 
 def warm_up_decoding(spec: InputSpec, limits: DecodeLimits) -> None:
@@ -293,9 +301,13 @@ def prepare_image(
     decoded = decode_image(data, limits, None if keep_display else (mode, side))
     visible = to_visible(decoded)
     box = crop_box(visible.size, spec)
-    # convert() to the same mode would copy the image for nothing
-    source = visible if visible.mode == mode else visible.convert(mode)
+    # convert() to the same mode would copy the image for nothing; grey for an RGB network is
+    # resized first (three equal bands resample as one) and only the small result converted
+    grey_to_rgb = visible.mode == "L" and mode == "RGB"
+    source = visible if visible.mode == mode or grey_to_rgb else visible.convert(mode)
     model_input = source.resize((spec.width, spec.height), _RESAMPLE[spec.interpolation], box=box)
+    if grey_to_rgb:
+        model_input = model_input.convert("RGB")
     invert = False
     if spec.invert == "auto" and mode == "L":
         pixels = np.asarray(model_input)

@@ -244,7 +244,7 @@ async def test_too_many_pixels_is_400(tmp_path: Path) -> None:
         assert_problem(
             await client.post("/predict", content=big, headers=PNG),
             400,
-            "the image is 1,600 pixels; the limit is 1,000",
+            "the PNG image is 1,600 pixels; the limit is 1,000",
         )
         small = png_bytes(held_out_digits(1)[0].image)
         assert (await client.post("/predict", content=small, headers=PNG)).status_code == 200

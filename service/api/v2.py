@@ -277,7 +277,7 @@ async def _infer(
 @post(["/v2/models/{name:str}/infer", "/v2/models/{name:str}/versions/{version:str}/infer"],
       summary="Open Inference Protocol: classify (BYTES images or an FP32 NCHW tensor)",
       status_code=200, operation_class=InferOperation,
-      responses=problems(400, 404, 408, 413, 500, 503, 504))  # fmt: skip
+      responses=problems(400, 404, 408, 413, 415, 500, 503, 504))  # fmt: skip
 async def infer(
     request: Request[Any, Any, Any],
     runtime: RuntimeDep,

@@ -15,6 +15,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.api.schemas import Problem
+from service.app import PROBLEM_BASE
 from service.config import Settings
 from service.errors import (
     HeadersTooLargeError,
@@ -26,7 +27,6 @@ from service.errors import (
 )
 
 log = logging.getLogger("convserve.http")
-PROBLEM_BASE = "https://convserve.dev/problems/"
 LINGER_S = 2.0  # after a refusal, read and drop what the client still sends, so it sees the answer
 LINGER_BYTES = 4 * 1024 * 1024  # ...for this long and at most this much
 NOTICE_EVERY_S = 10.0  # refusals cost an attacker little: log them at most this often, as counts
@@ -135,7 +135,7 @@ class ProblemHttpProtocol(HttpToolsProtocol):
             self.limits = config.limits
         else:  # a plain uvicorn.Config: the default limits
             self.limits = HttpLimits.from_settings(Settings())
-        self.head_timer: asyncio.TimerHandle | None = None
+        self.head_timer: asyncio.TimerHandle | None = None  # for a head, or an answered body
         self.linger_timer: asyncio.TimerHandle | None = None
         self.refused = False
         self.dropped = 0  # bytes read and dropped after a refusal
@@ -178,6 +178,8 @@ class ProblemHttpProtocol(HttpToolsProtocol):
             if self.dropped > LINGER_BYTES:
                 self.transport.close()
             return
+        if self.in_head:
+            self._arm_head_timer()  # even for bytes that start no request, such as blank lines
         counted, events = self.in_fields, self.events
         super().data_received(data)  # feeds the parser; the callbacks below run inside
         if self.refused or not (counted and self.in_fields and self.events == events):
@@ -254,7 +256,16 @@ class ProblemHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._leave_fields()
         self.in_fields = True  # the next request's head, whenever it comes
+        if self.cycle is not None and self.cycle.response_complete:
+            self._cancel_head_timer()  # the rest of an answered request has come
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.in_head and not self.transport.is_closing():
+            # answered before its body or trailers came (a refusal, a route that reads no
+            # body): the rest must come as soon as a head would, or the connection is closed
+            self._arm_head_timer()
 
     # refusals
     def _leave_fields(self) -> None:
@@ -273,15 +284,19 @@ class ProblemHttpProtocol(HttpToolsProtocol):
             self.head_timer.cancel()
             self.head_timer = None
 
+    @property
+    def in_head(self) -> bool:
+        """Between requests or inside a head: where an answer can be sent before the app's."""
+        return self.in_fields and not self.in_trailers
+
     def _head_timed_out(self) -> None:
         self.head_timer = None
-        self._refuse(
-            RequestTimeoutError(
-                f"no complete request head within {self.limits.header_timeout_s:g} s; "
-                "the connection is closed"
-            ),
-            linger=False,
-        )
+        seconds = f"{self.limits.header_timeout_s:g} s"
+        if self.in_head:
+            detail = f"no complete request head within {seconds}; the connection is closed"
+        else:  # only logged: the request has its answer
+            detail = f"the rest of an answered request did not come within {seconds}"
+        self._refuse(RequestTimeoutError(detail), linger=False)
 
     def _refuse(self, error: ServiceError, *, linger: bool = True) -> None:
         """Answer `error` and close the connection, lingering so the client can read it."""
@@ -292,9 +307,9 @@ class ProblemHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         _NOTICES.note(error.slug, f"{error.status_code} {error.title}: {error.detail}")
-        if self.in_trailers or (self.cycle is not None and not self.cycle.response_complete):
-            # an earlier request is still being answered, or these are its trailers: an answer
-            # now would be taken for that request's
+        if not self.in_head or (self.cycle is not None and not self.cycle.response_complete):
+            # in a request's body or trailers, or while an earlier one is being answered: an
+            # answer now would be taken for that request's
             self.transport.close()
             return
         self.transport.write(problem_bytes(error, self.server_state.default_headers))

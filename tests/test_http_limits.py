@@ -182,6 +182,53 @@ def test_idle_and_slow_heads_are_closed_after_the_header_timeout(server: ServerP
     assert_serves(server)
 
 
+def test_an_answered_request_cannot_hold_its_connection_with_a_slow_body(
+    server: ServerProcess,
+) -> None:
+    with connect(server.url) as sock:
+        # a route that reads no body answers at once; the client then drips the body it announced
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\na")
+        sock.settimeout(0.2)
+        answered = time.monotonic()
+        received = b""
+        while time.monotonic() - answered < 5 * TIMEOUT_S:
+            try:
+                sock.sendall(b"a")
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 200"), received[:200]
+        assert received.count(b"HTTP/1.1") == 1  # no second answer for the same request
+        assert time.monotonic() - answered < 3 * TIMEOUT_S
+
+
+def test_blank_lines_after_an_answer_do_not_keep_a_connection(server: ServerProcess) -> None:
+    with connect(server.url) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(0.2)
+        received = sock.recv(65536)
+        assert received.startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        while time.monotonic() - started < 5 * TIMEOUT_S:
+            try:
+                sock.sendall(b"\r\n")  # each one used to cancel the keep-alive wait for good
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            received += chunk
+        assert time.monotonic() - started < 3 * TIMEOUT_S
+        assert b"HTTP/1.1 408" in received
+
+
 def test_connections_past_the_cap_get_503_then_service_resumes(server: ServerProcess) -> None:
     extra = 6
     socks = [connect(server.url) for _ in range(CAP + extra)]

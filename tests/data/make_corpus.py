@@ -372,8 +372,11 @@ def cases() -> list[tuple[dict[str, Any], bytes]]:
     bomb = "decompression bomb"
 
     def refused(fmt: str) -> str:
-        """CONVSERVE_FORMATS refuses it: the detail names the format Pillow detected."""
-        return f"the image is {fmt}, a format this server does not decode; allowed formats:"
+        """CONVSERVE_FORMATS refuses it: the detail names the format and the allowed ones."""
+        return (
+            f"looks like {fmt} (by its first bytes), a format this server does not decode; "
+            "allowed formats: JPEG, PNG, GIF, WEBP, BMP, TIFF"
+        )
 
     images = [
         (upload("empty", "image/png", 400, "no image data"), b""),

@@ -35,7 +35,7 @@ from service.errors import (
 )
 from service.imaging import DecodeLimits, warm_up_decoding
 from service.spec import now_iso
-from service.store import ModelStore, check_name
+from service.store import VERSION_PATTERN, ModelStore, check_name
 
 log = logging.getLogger("convserve.catalog")
 ALIAS_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
@@ -333,13 +333,15 @@ class Catalog:
                     retry_after=30,
                 )
             return serving
-        if isinstance(version, int) or version.isdigit():
+        if isinstance(version, int) or VERSION_PATTERN.fullmatch(version):
             return int(version)
         if version in entry.aliases:
             return entry.aliases[version]
         aliases = ", ".join(sorted(entry.aliases)) or "none"
+        shown = repr(version) if len(version) <= 40 else repr(version[:37]) + "..."
         raise VersionNotFoundError(
-            f"model {entry.name} has no version or alias {version!r}; aliases: {aliases}"
+            f"model {entry.name} has no version or alias {shown}; versions are numbers of at "
+            f"most 9 ASCII digits, aliases: {aliases}"
         )
 
     def resolve(self, name: str | None, version: str | int | None) -> Deployment:

@@ -34,6 +34,7 @@ log = logging.getLogger("convserve.store")
 SPEC_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+VERSION_PATTERN = re.compile(r"[0-9]{1,9}")  # ASCII only: str.isdigit() takes "²", int() not
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
 
@@ -44,6 +45,17 @@ def check_name(name: str) -> str:
             f"{name!r} is not a valid model name (letters, digits, '_' and '-', at most 64)"
         )
     return name
+
+
+def parse_version(text: str) -> int:
+    """A version number as a client writes it: 1 to 9 ASCII digits. (int() alone also takes
+    '٣', ' 1' and '1_0'; str.isdigit() takes '²', which int() refuses.)"""
+    if not VERSION_PATTERN.fullmatch(text):
+        shown = repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
+        raise VersionNotFoundError(
+            f"{shown} is not a version: versions are numbers of at most 9 ASCII digits"
+        )
+    return int(text)
 
 
 class ModelStore:
@@ -66,7 +78,11 @@ class ModelStore:
             return []
         found = []
         for entry in folder.iterdir():
-            if entry.name.isdigit() and int(entry.name) > 0 and (entry / SPEC_FILE).is_file():
+            if (
+                VERSION_PATTERN.fullmatch(entry.name)
+                and int(entry.name) > 0
+                and (entry / SPEC_FILE).is_file()
+            ):
                 found.append(int(entry.name))
         return sorted(found)
 

@@ -26,7 +26,7 @@ from service.errors import (
     UnauthorizedError,
 )
 from service.runtime import Runtime, RuntimeDep
-from service.store import check_name
+from service.store import check_name, parse_version
 
 MANAGEMENT_DOCS: dict[str, Any] = {"responses": problems(400, 401, 403, 404, 409, 422, 503)}
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="convserve management"'}
@@ -121,38 +121,38 @@ async def _load(runtime: Runtime, name: str, version: int, *, replace: bool) -> 
 
 @post(
     **MANAGEMENT_DOCS,
-    path="/models/{name:str}/versions/{version:int}/load",
+    path="/models/{name:str}/versions/{version:str}/load",
     summary="Verify, load, warm up, serve",
     status_code=200,
 )
 async def load_version(
-    runtime: RuntimeDep, name: FromPath[str], version: FromPath[int]
+    runtime: RuntimeDep, name: FromPath[str], version: FromPath[str]
 ) -> ModelStatus:
-    return await _load(runtime, name, version, replace=False)
+    return await _load(runtime, name, parse_version(version), replace=False)
 
 
 @post(
     **MANAGEMENT_DOCS,
-    path="/models/{name:str}/versions/{version:int}/reload",
+    path="/models/{name:str}/versions/{version:str}/reload",
     summary="Reload a version from the store",
     status_code=200,
 )
 async def reload_version(
-    runtime: RuntimeDep, name: FromPath[str], version: FromPath[int]
+    runtime: RuntimeDep, name: FromPath[str], version: FromPath[str]
 ) -> ModelStatus:
-    return await _load(runtime, name, version, replace=True)
+    return await _load(runtime, name, parse_version(version), replace=True)
 
 
 @post(
     **MANAGEMENT_DOCS,
-    path="/models/{name:str}/versions/{version:int}/unload",
+    path="/models/{name:str}/versions/{version:str}/unload",
     summary="Finish its queue, then free it",
     status_code=200,
 )
 async def unload_version(
-    runtime: RuntimeDep, name: FromPath[str], version: FromPath[int]
+    runtime: RuntimeDep, name: FromPath[str], version: FromPath[str]
 ) -> ModelStatus:
-    await runtime.catalog.unload(name, version)
+    await runtime.catalog.unload(name, parse_version(version))
     return model_status(runtime.catalog.entry(name))
 
 

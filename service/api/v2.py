@@ -8,9 +8,7 @@ top k as BYTES "probability:index:label" (Triton's classification extension).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import struct
+import asyncio
 import time
 from typing import Any
 
@@ -23,12 +21,13 @@ from service import __version__
 from service.api.access import annotate
 from service.api.classify import classify
 from service.api.openapi import InferOperation, problems
-from service.api.uploads import Upload, read_body
+from service.api.tensors import BINARY_HEADER, OUTPUT, Limits, parse_request
+from service.api.uploads import read_body
 from service.catalog import Deployment
-from service.errors import BadRequestError, ModelNotReadyError, PayloadTooLargeError
+from service.errors import ModelNotReadyError
 from service.runtime import Runtime, RuntimeDep
 
-BINARY_HEADER = "inference-header-content-length"
+OFF_LOOP_BYTES = 1 << 20  # bodies above this are parsed in a worker thread
 
 
 class TensorSpec(msgspec.Struct):
@@ -54,26 +53,6 @@ class ModelMetadata(msgspec.Struct):
 class Readiness(msgspec.Struct):
     name: str
     ready: bool
-
-
-class InputTensor(msgspec.Struct):
-    name: str
-    shape: list[int]
-    datatype: str
-    data: Any = None
-    parameters: dict[str, Any] = msgspec.field(default_factory=dict)
-
-
-class RequestedOutput(msgspec.Struct):
-    name: str
-    parameters: dict[str, Any] = msgspec.field(default_factory=dict)
-
-
-class InferRequest(msgspec.Struct):
-    inputs: list[InputTensor]
-    id: str | None = None
-    parameters: dict[str, Any] = msgspec.field(default_factory=dict)
-    outputs: list[RequestedOutput] | None = None
 
 
 class OutputTensor(msgspec.Struct):
@@ -148,87 +127,16 @@ async def model_ready(
     return Readiness(name, True)
 
 
-def _split_binary(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
-    if header_length is None:
-        return body, b""
-    try:
-        length = int(header_length)
-    except ValueError:
-        raise BadRequestError("Inference-Header-Content-Length must be an integer") from None
-    if not 0 < length <= len(body):
-        raise BadRequestError("Inference-Header-Content-Length exceeds the body")
-    return body[:length], body[length:]
-
-
-def _bytes_elements(tensor: InputTensor, binary: bytes) -> list[bytes]:
-    """BYTES elements: base64 strings in JSON, or length-prefixed raw bytes (binary extension)."""
-    if "binary_data_size" in tensor.parameters:
-        elements, offset = [], 0
-        while offset < len(binary):
-            if offset + 4 > len(binary):
-                raise BadRequestError("truncated BYTES element in the binary data")
-            (size,) = struct.unpack_from("<I", binary, offset)
-            elements.append(binary[offset + 4 : offset + 4 + size])
-            offset += 4 + size
-        return elements
-    data = tensor.data if isinstance(tensor.data, list) else [tensor.data]
-    flat = np.asarray(data, dtype=object).reshape(-1).tolist()
-    try:
-        return [base64.b64decode(str(item), validate=True) for item in flat]
-    except (binascii.Error, ValueError):
-        raise BadRequestError(
-            f"input {tensor.name!r}: BYTES elements must be base64-encoded image files"
-        ) from None
-
-
-def _fp32_arrays(
-    tensor: InputTensor, binary: bytes, shape: tuple[int, int, int]
-) -> list[np.ndarray]:
-    expected = [-1, *shape]
-    if len(tensor.shape) != 4 or tuple(tensor.shape[1:]) != shape:
-        raise BadRequestError(
-            f"input {tensor.name!r} has shape {tensor.shape}; expected {expected}"
+def _outputs(top_k: int | None, probabilities: np.ndarray, labels: list[str]) -> OutputTensor:
+    """`probabilities` as FP32 (N, classes), or its top k as BYTES "probability:index:label"."""
+    if top_k is None:
+        return OutputTensor(
+            OUTPUT, "FP32", list(probabilities.shape), probabilities.reshape(-1).tolist()
         )
-    try:
-        if "binary_data_size" in tensor.parameters:
-            values = np.frombuffer(binary, dtype="<f4")
-        else:
-            values = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
-        batch = values.reshape(tensor.shape).astype(np.float32)
-    except (ValueError, TypeError):
-        raise BadRequestError(
-            f"input {tensor.name!r}: data does not fill shape {tensor.shape} with numbers"
-        ) from None
-    if not np.isfinite(batch).all():
-        raise BadRequestError(f"input {tensor.name!r} holds NaN or infinite values")
-    return list(batch)
-
-
-def _outputs(
-    request: InferRequest, probabilities: np.ndarray, labels: list[str]
-) -> list[OutputTensor]:
-    wanted = request.outputs or [RequestedOutput("probabilities")]
-    tensors = []
-    for output in wanted:
-        if output.name != "probabilities":
-            raise BadRequestError(f"unknown output {output.name!r}; this model has 'probabilities'")
-        k = output.parameters.get("classification")
-        if k is None:
-            tensors.append(
-                OutputTensor(
-                    "probabilities",
-                    "FP32",
-                    list(probabilities.shape),
-                    probabilities.reshape(-1).tolist(),
-                )
-            )
-            continue
-        k = min(int(k), len(labels))
-        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-        rows = [f"{p[i]:f}:{i}:{labels[i]}" for p, top in zip(probabilities, order, strict=True)
-                for i in top]  # fmt: skip
-        tensors.append(OutputTensor("probabilities", "BYTES", [len(probabilities), k], rows))
-    return tensors
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+    rows = [f"{p[i]:f}:{i}:{labels[i]}" for p, top in zip(probabilities, order, strict=True)
+            for i in top]  # fmt: skip
+    return OutputTensor(OUTPUT, "BYTES", [len(probabilities), top_k], rows)
 
 
 async def _infer(
@@ -236,41 +144,24 @@ async def _infer(
 ) -> InferResponse:
     deadline = time.monotonic() + runtime.settings.deadline_s
     runtime.catalog.resolve(name, version)  # 404 / 503 before the body is read
-    header, binary = _split_binary(await read_body(request, runtime.settings, deadline),
-                                   request.headers.get(BINARY_HEADER))  # fmt: skip
+    body = await read_body(request, runtime.settings, deadline)
     deployment = runtime.catalog.resolve(name, version)  # the version serving now
     classifier = deployment.classifier
     annotate(request, model=classifier.name, version=classifier.version)
-    try:
-        body = msgspec.json.decode(header, type=InferRequest)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise BadRequestError(f"not an inference request: {exc}") from None
-    if len(body.inputs) != 1:
-        raise BadRequestError("send exactly one input: 'image' (BYTES) or 'input' (FP32)")
-    (tensor,) = body.inputs
-    items: list[Upload | np.ndarray]
-    if tensor.datatype == "BYTES":
-        items = [
-            Upload(f"element {i}", data) for i, data in enumerate(_bytes_elements(tensor, binary))
-        ]
-    elif tensor.datatype == "FP32":
-        items = list(_fp32_arrays(tensor, binary, classifier.input_shape))
+    limits = Limits(runtime.settings.max_images, classifier.input_shape, len(classifier.labels))
+    header_length = request.headers.get(BINARY_HEADER)
+    if len(body) > OFF_LOOP_BYTES:  # decoding a large body would hold up every other request
+        parsed = await asyncio.to_thread(parse_request, body, header_length, limits)
     else:
-        raise BadRequestError(f"datatype {tensor.datatype} is not accepted; send BYTES or FP32")
-    if not items:
-        raise BadRequestError(f"input {tensor.name!r} is empty")
-    if len(items) > runtime.settings.max_images:
-        raise PayloadTooLargeError(
-            f"{len(items)} images; the limit is {runtime.settings.max_images}"
-        )
-    outcomes, _ = await classify(runtime, deployment, items, deadline)
+        parsed = parse_request(body, header_length, limits)
+    outcomes, _ = await classify(runtime, deployment, parsed.items, deadline)
     annotate(request, batch_size=max(o.batch_size for o in outcomes))
     probabilities = np.stack([o.probabilities for o in outcomes])
     return InferResponse(
         model_name=classifier.name,
         model_version=str(classifier.version),
-        outputs=_outputs(body, probabilities, classifier.labels),
-        id=body.id,
+        outputs=[_outputs(parsed.top_k, probabilities, classifier.labels)],
+        id=parsed.id,
     )
 
 

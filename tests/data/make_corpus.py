@@ -445,32 +445,43 @@ def cases() -> list[tuple[dict[str, Any], bytes]]:
          png_16bit_largest_legal(digits[0])),
     ]  # fmt: skip
     image = png_bytes(digits[0].image)
+    integer = "parameter 'classification' must be an integer >= 1"
+    scalar = "parameter values are strings, numbers or booleans"
+
+    def classification(k: str) -> bytes:
+        return v2_infer(v2_classification(image, k))
+
+    def no_version(version: str) -> str:
+        return f"no version or alias '{version}'; versions are numbers of at most 9 ASCII digits"
+
     requests = [
         (http("header-1mb", 431, "header fields may total"), header_flood(1, 1024 * 1024)),
         (http("headers-10000", 431, "header fields in one request"), header_flood(10_000, 8)),
         (http("request-line-16kb", 414, "the request line"),
          http_request("GET", "/health/live?q=" + "a" * 16_500)),
-        (http("v2-outputs-amplified", 400),
+        (http("v2-outputs-amplified", 400, "requested 20000 times"),
          v2_infer(v2_image(image, [{"name": "probabilities"}] * 20_000))),
-        (http("v2-bytes-flood-json", 413),
+        (http("v2-bytes-flood-json", 413, "the limit is 256"),
          v2_infer('{"inputs":[{"name":"image","datatype":"BYTES","shape":[1000000],"data":['
                   + ",".join(['""'] * 1_000_000) + "]}]}")),
-        (http("v2-bytes-flood-binary", 413), bytes_flood_binary(1_000_000)),
-        (http("json-nested-1000", 400), v2_infer(v2_fp32("[" * 1000 + "]" * 1000))),
-        (http("v2-classification-string", 400), v2_infer(v2_classification(image, '"abc"'))),
-        (http("v2-classification-object", 400), v2_infer(v2_classification(image, "{}"))),
-        (http("v2-classification-list", 400), v2_infer(v2_classification(image, "[1]"))),
-        (http("v2-classification-negative", 400), v2_infer(v2_classification(image, "-3"))),
-        (http("v2-fp32-1e400", 400), v2_infer(v2_fp32("[1e400" + ",0" * 783 + "]"))),
-        (http("v2-fp32-1e400-integer", 400),
+        (http("v2-bytes-flood-binary", 413, "the limit is 256"), bytes_flood_binary(1_000_000)),
+        (http("json-nested-1000", 400, "JSON nested deeper than"),
+         v2_infer(v2_fp32("[" * 1000 + "]" * 1000))),
+        (http("v2-classification-string", 400, integer), classification('"abc"')),
+        (http("v2-classification-object", 400, scalar), classification("{}")),
+        (http("v2-classification-list", 400, scalar), classification("[1]")),
+        (http("v2-classification-negative", 400, integer), classification("-3")),
+        (http("v2-fp32-1e400", 400, "Number out of range"),
+         v2_infer(v2_fp32("[1e400" + ",0" * 783 + "]"))),
+        (http("v2-fp32-1e400-integer", 400, "Number out of range"),
          v2_infer(v2_fp32("[1" + "0" * 400 + ",0" * 783 + "]"))),
-        (http("v2-fp32-negative-shape", 400),
+        (http("v2-fp32-negative-shape", 400, "every dimension must be"),
          v2_infer(v2_fp32("[" + ",".join(["0"] * 784) + "]", "[-5,1,28,28]"))),
-        (http("v2-version-superscript-two", 404),
+        (http("v2-version-superscript-two", 404, no_version("²")),
          http_request("GET", f"/v2/models/{MODEL}/versions/%C2%B2/ready")),
-        (http("v2-version-circled-one", 404),
+        (http("v2-version-circled-one", 404, no_version("①")),
          v2_infer_at("%E2%91%A0", v2_image(image))),
-        (http("predict-version-superscript-two", 404),
+        (http("predict-version-superscript-two", 404, no_version("²")),
          http_request("POST", "/predict?version=%C2%B2", image, content_type="image/png")),
     ]  # fmt: skip
     return images + requests

@@ -78,7 +78,13 @@ def send(url: str, raw: bytes, timeout: float) -> Reply:
     started = time.monotonic()
     deadline = started + timeout
     received = b""
-    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
+    try:
+        sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+    except TimeoutError:
+        return Reply(None, elapsed=time.monotonic() - started, timed_out=True)
+    except OSError:  # refused or reset while connecting
+        return Reply(None, elapsed=time.monotonic() - started)
+    with sock:
         sock.setblocking(False)
         with selectors.DefaultSelector() as selector:
             selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
@@ -98,7 +104,7 @@ def send(url: str, raw: bytes, timeout: float) -> Reply:
                         pending = pending[sock.send(pending[:65536]) :]
                         if not pending:
                             selector.modify(sock, selectors.EVENT_READ)
-                except (ConnectionResetError, BrokenPipeError):
+                except OSError:  # reset, or a broken pipe
                     break
             else:
                 return parse_reply(received, time.monotonic() - started, timed_out=True)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,8 +25,9 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.corpus import MANIFEST, Reply, raw_request, send
-from tests.support import ARTIFACTS, Digit, held_out_digits, png_bytes, running_server
+from tests.corpus import MANIFEST, Reply, case_bytes, raw_request, send
+from tests.data.make_corpus import multipart
+from tests.support import ARTIFACTS, ROOT, Digit, held_out_digits, png_bytes, running_server
 
 DEADLINE_S = 5.0
 HEADER_TIMEOUT_S = 2.0
@@ -34,13 +37,14 @@ ENV = {
 }
 SLACK_S = 2.0  # scheduling on two shared cores; an answer later than deadline + this is a hang
 LIVENESS_EVERY_S = 0.05
-LIVENESS_WITHIN_S = 0.1
+LIMIT_S = 0.1  # for each liveness answer
 RSS_BOUND = 1536 * 1024 * 1024  # the server's process tree, over its resident size at rest
 NORMAL_CLIENTS = 3
+WAVES = 3  # the whole hostile set at once, three times over
+HEAVY_PARTS = 40
 IDLE_CONNECTIONS = 8
 HOLD_S = 15.0  # how long an idle or trickling client waits for the server to close on it
 SLOW_CONNECTIONS = 2  # of each kind: trickled heads, trickled bodies
-LIVE = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 PNG = {"content-type": "image/png"}
 
 pytestmark = pytest.mark.slow
@@ -92,7 +96,10 @@ class Recorder:
 def classify(client: httpx.Client, digit: Digit) -> tuple[int, int | None, float]:
     """(status, top class, seconds) for one normal request."""
     started = time.monotonic()
-    response = client.post("/predict", content=png_bytes(digit.image), headers=PNG)
+    try:
+        response = client.post("/predict", content=png_bytes(digit.image), headers=PNG)
+    except httpx.HTTPError:  # no answer at all: a failure the assertions report
+        return 0, None, time.monotonic() - started
     elapsed = time.monotonic() - started
     if response.status_code != 200:
         return response.status_code, None, elapsed
@@ -117,8 +124,8 @@ def hold_open(url: str, head: bytes, trickle: bytes, out: list[tuple[str, float]
     parts = urlsplit(url)
     started = time.monotonic()
     received, closed = b"", False
-    with socket.create_connection((parts.hostname, parts.port), timeout=1.0) as sock:
-        try:
+    try:
+        with socket.create_connection((parts.hostname, parts.port), timeout=1.0) as sock:
             sock.sendall(head)
             for second in range(int(HOLD_S)):
                 sock.sendall(trickle[second : second + 1])
@@ -132,13 +139,61 @@ def hold_open(url: str, head: bytes, trickle: bytes, out: list[tuple[str, float]
                 received += chunk
                 if b"\r\n\r\n" in received:
                     break  # answered: what matters is when
-        except (BrokenPipeError, ConnectionResetError):
-            closed = True
+    except OSError:  # reset, a broken pipe, or refused
+        closed = True
     elapsed = time.monotonic() - started
     if received.startswith(b"HTTP/"):
         out.append((received.split(b" ", 2)[1].decode(), elapsed))
     else:
         out.append(("closed" if closed else "open", elapsed))
+
+
+def start_probe(url: str) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "tests.liveness_probe", url, str(LIVENESS_EVERY_S)]
+    return subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
+
+
+def stop_probe(probe: subprocess.Popen[str]) -> list[tuple[float, float, int]]:
+    """(started, seconds, status) of every poll the probe made."""
+    assert probe.stdin is not None
+    assert probe.stdout is not None
+    probe.stdin.close()  # its signal to stop
+    output = probe.stdout.read()
+    probe.wait(timeout=30)
+    polls = [line.split() for line in output.splitlines()]
+    return [(float(started), float(seconds), int(status)) for started, seconds, status in polls]
+
+
+def siege(url: str) -> dict[str, Reply]:
+    """The whole hostile set at once, each request on its own connection."""
+    replies: dict[str, Reply] = {}
+    gate = threading.Barrier(len(MANIFEST))
+
+    def attack(case: dict[str, Any]) -> None:
+        raw = raw_request(case)
+        gate.wait()
+        replies[case["name"]] = send(url, raw, timeout=DEADLINE_S + 30)
+
+    attackers = [threading.Thread(target=attack, args=(case,)) for case in MANIFEST]
+    for thread in attackers:
+        thread.start()
+    for thread in attackers:
+        thread.join(timeout=DEADLINE_S + 60)
+    return replies
+
+
+def heavy_request() -> bytes:
+    """Forty 16-bit 40 MP PNGs (legal, each about 0.5 s to decode) in one multipart request:
+    issue 13 found they held the decode pool for 24 s, after their client had hung up, while a
+    normal request waited 23 s behind them."""
+    png = case_bytes(next(c for c in MANIFEST if c["name"] == "png-16bit-40mp"))
+    body = multipart([("file", f"{i}.png", png) for i in range(HEAVY_PARTS)], "siege")
+    head = (
+        "POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        f"Content-Type: multipart/form-data; boundary=siege\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 def test_no_single_client_can_take_the_service_down(tmp_path: Path) -> None:
@@ -150,7 +205,7 @@ def test_no_single_client_can_take_the_service_down(tmp_path: Path) -> None:
         assert len(digits) >= 8
         idle_rss = tree_rss(pid)
 
-        liveness = Recorder(lambda: send(server.url, LIVE, timeout=5), LIVENESS_EVERY_S)
+        probe = start_probe(server.url)
         memory = Recorder(lambda: tree_rss(pid), LIVENESS_EVERY_S)
         stop = threading.Event()
         normal: list[tuple[int, int, int | None, float]] = []
@@ -173,46 +228,50 @@ def test_no_single_client_can_take_the_service_down(tmp_path: Path) -> None:
         ]
         for thread in threads:
             thread.start()
-        time.sleep(1.0)  # normal traffic under way before the siege
+        time.sleep(1.0)  # normal traffic and the probe under way before the siege
 
-        # the whole hostile set at once, each request on its own connection
-        replies: dict[str, Reply] = {}
-        gate = threading.Barrier(len(MANIFEST))
-
-        def attack(case: dict[str, Any]) -> None:
-            raw = raw_request(case)
-            gate.wait()
-            replies[case["name"]] = send(server.url, raw, timeout=DEADLINE_S + 30)
-
-        attackers = [threading.Thread(target=attack, args=(case,)) for case in MANIFEST]
+        # beside the waves: the heavy request, once waited for and once hung up on at 1 s
+        heavy: list[Reply] = []
+        raw = heavy_request()
+        heavies = [
+            threading.Thread(target=lambda t=t: heavy.append(send(server.url, raw, timeout=t)))
+            for t in (DEADLINE_S + 30, 1.0)
+        ]
         siege_started = time.monotonic()
-        for thread in attackers:
+        for thread in heavies:
             thread.start()
-        for thread in attackers:
-            thread.join(timeout=120)
-        siege_s = time.monotonic() - siege_started
+        waves = [siege(server.url) for _ in range(WAVES)]
+        for thread in heavies:
+            thread.join(timeout=DEADLINE_S + 60)
+        siege_ended = time.monotonic()
         time.sleep(1.0)  # and normal traffic after it
         stop.set()
         for thread in threads:
-            thread.join(timeout=70)
-        polls: list[Reply] = liveness.finish()
+            thread.join(timeout=HOLD_S + 10)
+        polls = stop_probe(probe)
         samples: list[int] = memory.finish()
-
         alive = server.process.poll() is None
         log = server.output()
 
-    worst_live = max(p.elapsed for p in polls)
+    replies = [(name, reply) for wave in waves for name, reply in wave.items()]
+    during = [p for p in polls if siege_started <= p[0] <= siege_ended]
+    worst_live = max(seconds for _, seconds, _ in polls)
+    # (seconds into the siege, seconds to answer) of each poll over the limit
+    late = [(round(t - siege_started, 3), round(s, 3)) for t, s, _ in polls if s > LIMIT_S]
     peak_rss = max(samples)
     worst_normal = max(n[3] for n in normal)
     summary = {
         "hostile_requests": len(replies),
-        "siege_s": round(siege_s, 2),
-        "outcomes": {name: reply.outcome for name, reply in sorted(replies.items())},
-        "hostile_slowest_s": round(max(r.elapsed for r in replies.values()), 3),
+        "siege_s": round(siege_ended - siege_started, 2),
+        "outcomes": {name: sorted({str(w[name].outcome) for w in waves}) for name in waves[0]},
+        "hostile_slowest_s": round(max(r.elapsed for _, r in replies), 3),
+        "heavy": [(reply.outcome, round(reply.elapsed, 3)) for reply in heavy],
         "normal_requests": len(normal),
         "normal_worst_s": round(worst_normal, 3),
         "liveness_polls": len(polls),
+        "liveness_polls_during_siege": len(during),
         "liveness_worst_s": round(worst_live, 3),
+        "liveness_late": late,
         "idle_connections": idle,
         "slow_heads": slow_heads,
         "slow_bodies": slow_bodies,
@@ -229,15 +288,20 @@ def test_no_single_client_can_take_the_service_down(tmp_path: Path) -> None:
     assert f"Started server process [{pid}]" in log
     # every hostile request: its documented answer (a 4xx, or 200 for legal inputs), a 503
     # refusal, or a closed socket for a head the server stopped reading; never a hang
-    for case in MANIFEST:
-        reply = replies[case["name"]]
+    assert len(replies) == WAVES * len(MANIFEST)
+    for name, reply in replies:
+        case = next(c for c in MANIFEST if c["name"] == name)
         allowed: set[int | str] = {case["status"], 503}
         if case["status"] == 200:
             allowed.add(504)  # legal but heavy work may not fit its deadline under siege
         if case["status"] in {414, 431}:
             allowed.add("closed")  # answered before the rest was read: a reset may lose it
-        assert reply.outcome in allowed, (case["name"], reply.outcome, reply.body[:300])
-        assert reply.elapsed < DEADLINE_S + SLACK_S, (case["name"], reply.elapsed)
+        assert reply.outcome in allowed, (name, reply.outcome, reply.body[:300])
+        assert reply.elapsed < DEADLINE_S + SLACK_S, (name, reply.elapsed)
+    answered = [reply for reply in heavy if not reply.timed_out]  # not the one hung up on
+    assert len(answered) == 1
+    assert answered[0].outcome in {200, 503, 504}, summary
+    assert answered[0].elapsed < DEADLINE_S + SLACK_S, summary
     # every normal request: its 200 and its label, within the deadline
     assert len(normal) >= 10 * NORMAL_CLIENTS, summary
     assert all(status == 200 for _, status, _, _ in normal), normal
@@ -251,9 +315,9 @@ def test_no_single_client_can_take_the_service_down(tmp_path: Path) -> None:
         assert len(connections) == count
         assert all(outcome in {"closed", "408"} for outcome, _ in connections), summary
         assert all(seconds < limit + SLACK_S for _, seconds in connections), summary
-    # liveness never missed a beat
-    assert len(polls) >= siege_s / LIVENESS_EVERY_S / 2, summary
-    assert all(p.status == 200 for p in polls), [p.outcome for p in polls]
-    assert worst_live < LIVENESS_WITHIN_S, summary
+    # liveness never missed a beat: polled every 50 ms through the siege, each answered in time
+    assert len(during) >= (siege_ended - siege_started) / LIVENESS_EVERY_S / 2, summary
+    assert all(status == 200 for _, _, status in polls), summary
+    assert worst_live <= LIMIT_S, summary
     # resident memory of the whole process tree stayed within the bound
     assert peak_rss - idle_rss < RSS_BOUND, summary

@@ -20,15 +20,13 @@ from service import __version__
 from service.api import explorer, health, models, pages, predict
 from service.api.access import access_middleware
 from service.api.management import management
-from service.api.schemas import Problem
 from service.api.v2 import v2
 from service.config import Settings
 from service.errors import ServiceError
+from service.problems import PROBLEM_BASE, PROBLEM_TYPE, Problem
 from service.runtime import Runtime
 
 log = logging.getLogger("convserve")
-PROBLEM_TYPE = "application/problem+json"
-PROBLEM_BASE = "https://convserve.dev/problems/"
 
 
 def problem_response(
@@ -145,7 +143,7 @@ def create_app(settings: Settings) -> Litestar:
                 security_schemes={"apiKey": SecurityScheme(type="http", scheme="bearer")}
             ),
         ),
-        logging_config=None,  # service.api.access.configure_logging owns logging
+        logging_config=None,  # service.logs.configure_logging owns logging
         debug=False,
     )
     app.state.runtime = runtime

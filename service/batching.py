@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -90,6 +90,7 @@ class Batcher:
         self._queue: deque[Job] = deque()
         self._incoming = 0
         self._running = 0
+        self._alone = 0  # run_alone() work admitted and not yet finished
         self._wake = asyncio.Event()
         self._closed = False
         self._worker: asyncio.Task[None] | None = None
@@ -138,19 +139,46 @@ class Batcher:
         target: int | None = None,
     ) -> list[Job]:
         """Queue one request's images together, or refuse them all at once (503) when full."""
-        if len(self._queue) + len(arrays) > self.max_queue:
-            metrics.REJECTED.labels(self._labels[0], metrics.QUEUE_FULL).inc()
-            raise QueueFullError(
-                f"the queue for {self._labels[0]} v{self._labels[1]} holds {len(self._queue)} of "
-                f"{self.max_queue} images; retry shortly",
-                retry_after=1,
-            )
+        self._admit(len(arrays))
         loop = asyncio.get_running_loop()
         jobs = [Job(array, loop.create_future(), deadline, task, target) for array in arrays]
         self._queue.extend(jobs)
         self._depth.set(len(self._queue))
         self._wake.set()
         return jobs
+
+    def _admit(self, count: int) -> None:
+        queued = len(self._queue) + self._alone
+        if queued + count > self.max_queue:
+            metrics.REJECTED.labels(self._labels[0], metrics.QUEUE_FULL).inc()
+            raise QueueFullError(
+                f"the queue for {self._labels[0]} v{self._labels[1]} holds {queued} of "
+                f"{self.max_queue} images; retry shortly",
+                retry_after=1,
+            )
+
+    async def run_alone(self, work: Callable[[], T], deadline: float) -> T:
+        """One request's own pass through the model (the explorer's maps), admitted like a
+        batch job: it takes a queue place (503 when none is left), runs on the inference thread
+        between batches, and is dropped unrun once its deadline has passed (504)."""
+        self._admit(1)
+
+        def in_time() -> T:
+            if time.monotonic() >= deadline:
+                raise DeadlineExceededError("the request waited in the queue past its deadline")
+            return work()
+
+        self._alone += 1
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self.executor, in_time)
+            done, _ = await asyncio.wait({future}, timeout=max(deadline - time.monotonic(), 0.0))
+            if not done:
+                future.cancel()  # unrun if still queued; a running pass finishes unused
+                metrics.REJECTED.labels(self._labels[0], metrics.DEADLINE).inc()
+                raise DeadlineExceededError("no answer from the model before the deadline")
+            return future.result()
+        finally:
+            self._alone -= 1
 
     async def results(self, jobs: list[Job], deadline: float) -> list[Outcome]:
         """Every job's outcome, in order. Past the deadline, jobs still queued are dropped unrun
@@ -279,7 +307,7 @@ class Batcher:
     async def drain(self) -> None:
         """Take no new requests; finish those routed here already (decoding, queued, running)."""
         self._closed = True
-        while self._incoming or self._queue or self._running:
+        while self._incoming or self._queue or self._running or self._alone:
             await asyncio.sleep(0.005)
 
     async def stop(self) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import gc
 import logging
 import re
 import time
@@ -33,7 +31,7 @@ from service.errors import (
     ServiceError,
     VersionNotFoundError,
 )
-from service.imaging import DecodeLimits, warm_up_decoding
+from service.memory import return_freed_memory
 from service.spec import now_iso
 from service.store import VERSION_PATTERN, ModelStore, check_name
 
@@ -76,14 +74,6 @@ def warm_up_sizes(max_batch_size: int) -> list[int]:
     return list(range(1, max_batch_size + 1))
 
 
-def return_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise, so an unloaded
-    model's memory would stay in the process's resident size)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,14 +92,12 @@ class Catalog:
         device: torch.device,
         inference: Executor,
         loader: Executor,
-        decoders: Executor,
     ) -> None:
         self.settings = settings
         self.store = store
         self.device = device
         self.inference = inference
         self.loader = loader
-        self.decoders = decoders
         self.models: dict[str, ModelEntry] = {}
         self.configured: list[str] = []
         self.started = False
@@ -130,27 +118,8 @@ class Catalog:
                 # a refusal is recorded in the entry's failures and logged by load()
                 with contextlib.suppress(ModelLoadError, ServiceError):
                     await self.load(name, version)
-        if self.settings.warmup:
-            await self._warm_decoders()
         self.started = True
         self.update_ready()
-
-    async def _warm_decoders(self) -> None:
-        """Start every decode thread and let each decode once, so no request pays for it."""
-        specs = [
-            d.classifier.spec.input for e in self.models.values() for d in e.deployments.values()
-        ]
-        if specs:
-            loop = asyncio.get_running_loop()
-            pool, spec = self.decoders, specs[0]
-            threads = self.settings.decode_threads
-            limits = DecodeLimits.from_settings(self.settings)
-            await asyncio.gather(
-                *(
-                    loop.run_in_executor(pool, warm_up_decoding, spec, limits)
-                    for _ in range(threads)
-                )
-            )
 
     @property
     def ready(self) -> bool:
@@ -185,7 +154,6 @@ class Catalog:
             min(8, self._batch_size(classifier)),
         )
         if self.settings.warmup:
-            warm_up_decoding(classifier.spec.input, DecodeLimits.from_settings(self.settings))
             classifier.warm_up(warm_up_sizes(self._batch_size(classifier)))
         return classifier, time.perf_counter() - started
 

@@ -120,6 +120,7 @@ class Settings:
     engine: str = "auto"
     threads: int | None = None
     decode_threads: int = min(4, os.cpu_count() or 2)
+    decode_memory_mb: int = 1024
     drain_s: float = 30.0
     drain_delay_s: float = 1.0
     max_header_count: int = 100
@@ -181,6 +182,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "engine": _choice("auto", "torch", "onnxruntime"),
     "threads": _optional_threads,
     "decode_threads": _positive_int,
+    "decode_memory_mb": _positive_int,
     "drain_s": _non_negative_float,
     "drain_delay_s": _non_negative_float,
     "max_header_count": _positive_int,
@@ -214,7 +216,8 @@ HELP: dict[str, str] = {
     "warmup": "run every served batch size once before a version takes traffic",
     "engine": "auto (the faster, measured at load) | torch | onnxruntime",
     "threads": "torch intra-op threads (default: torch's choice)",
-    "decode_threads": "threads that decode and preprocess images",
+    "decode_threads": "images decoded at once, each in its own decoder process",
+    "decode_memory_mb": "memory one decoder process may use for an image (more: 400, replaced)",
     "drain_s": "longest graceful shutdown waits for admitted requests",
     "drain_delay_s": "after SIGTERM, report not ready at least this long before closing sockets",
     "max_header_count": "most header fields in one request (431 above)",

@@ -22,6 +22,7 @@
     ├── ForbiddenError (403)
     ├── ConflictError (409)
     ├── HeadersTooLargeError (431)
+    ├── ClientClosedError (499)
     ├── InferenceError (500)
     ├── UnavailableError (503)
     │   ├── QueueFullError
@@ -181,6 +182,15 @@ class ModelRefusedError(ServiceError):
     status_code = 422
     title = "Model version refused"
     slug = "model-refused"
+
+
+class ClientClosedError(ServiceError):
+    """The client hung up before its answer: its work was dropped (nginx's 499; nobody reads
+    the response, the access log and metrics do)."""
+
+    status_code = 499
+    title = "Client closed request"
+    slug = "client-closed-request"
 
 
 class InferenceError(ServiceError):

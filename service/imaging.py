@@ -169,6 +169,8 @@ def decode_image(
             mode, side = draft
             image.draft(mode, (side, side))
         image.load()
+    except MemoryError:
+        raise  # the decoder's ceiling: not the image's data at fault, and not to be retried here
     except _PILLOW_BOMB as exc:  # a frame inside a container (ICO, ICNS, ...) is the bomb
         raise _refused(exc, len(data), limits, "an embedded frame") from None
     except Exception as exc:

@@ -97,6 +97,11 @@ READY = Gauge(
     "1 when every configured model has a ready version",
     multiprocess_mode="livemin",
 )
+DECODER_RESTARTS = Counter(
+    "convserve_decoder_restarts",
+    "Decoder processes replaced (reason: memory, died, deadline, cancelled)",
+    ["reason"],
+)
 DEVICE_MEMORY = Gauge(
     "convserve_device_memory_bytes",
     "Memory allocated by torch on the CUDA device",

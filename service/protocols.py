@@ -14,8 +14,6 @@ import msgspec
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.api.schemas import Problem
-from service.app import PROBLEM_BASE
 from service.config import Settings
 from service.errors import (
     HeadersTooLargeError,
@@ -25,6 +23,7 @@ from service.errors import (
     TooManyConnectionsError,
     UriTooLongError,
 )
+from service.problems import PROBLEM_BASE, Problem
 
 log = logging.getLogger("convserve.http")
 LINGER_S = 2.0  # after a refusal, read and drop what the client still sends, so it sees the answer

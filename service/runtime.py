@@ -16,8 +16,10 @@ from litestar.di import NamedDependency
 from service import metrics
 from service.catalog import Catalog, resolve_device
 from service.config import Settings
+from service.decoder import DecoderConfig
+from service.decoding import DecodePool
 from service.errors import ShuttingDownError
-from service.imaging import configure_decoding
+from service.memory import Trimmer, trim_heap
 from service.store import ModelStore
 from service.watching import StoreWatcher
 
@@ -34,12 +36,15 @@ class Runtime:
         # One inference thread: batches run back to back and torch gets every core for each.
         self.inference = ThreadPoolExecutor(1, thread_name_prefix="convserve-infer")
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="convserve-load")
-        self.decoders = ThreadPoolExecutor(
-            settings.decode_threads, thread_name_prefix="convserve-decode"
+        # uploads decode in child processes under a memory ceiling (service.decoding)
+        config = DecoderConfig(settings.max_pixels, settings.formats, settings.decode_memory_mb)
+        self.decoders = DecodePool(settings.decode_threads, config)
+        # heatmap overlays: bounded drawing on pictures of at most 1024 px, off the event loop
+        self.painters = ThreadPoolExecutor(
+            settings.decode_threads, thread_name_prefix="convserve-paint"
         )
-        self.catalog = Catalog(
-            settings, self.store, self.device, self.inference, self.loader, self.decoders
-        )
+        self.trimmer = Trimmer(self.painters)
+        self.catalog = Catalog(settings, self.store, self.device, self.inference, self.loader)
         self.watcher = (
             StoreWatcher(self.catalog, settings.watch_interval_s) if settings.watch else None
         )
@@ -47,24 +52,21 @@ class Runtime:
         self.inflight = 0
         self.started_at = time.monotonic()
         self._loading: asyncio.Task[None] | None = None
-        self._found_max_pixels: int | None = None
 
     async def start(self) -> None:
-        # Pillow's bomb guard is process-wide: set before any decode, put back on stop, so apps
-        # built one after another in a process (tests, embedding) each get their own limit
-        self._found_max_pixels = configure_decoding(self.settings.max_pixels)
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
         metrics.READY.set(0)
         self._loading = asyncio.get_running_loop().create_task(self._load())
 
     async def _load(self) -> None:
-        await self.catalog.load_store()
+        await asyncio.gather(self.decoders.start(), self.catalog.load_store())
         # Everything loaded so far lives as long as the process: keep it out of the cyclic
         # collector, whose full passes over it stalled requests (p99 142 -> 37 ms, digits at 32
         # clients; docs/benchmarks.md).
         gc.collect()
         gc.freeze()
+        trim_heap()  # what loading and warm-up freed leaves the resident size
         if self.watcher is not None:
             self.watcher.start()
         log.info(
@@ -80,7 +82,7 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        return self.catalog.ready and not self.draining
+        return self.catalog.ready and self.decoders.running and not self.draining
 
     def begin_drain(self) -> None:
         """Stop admitting predictions and report not ready; admitted requests still finish."""
@@ -107,10 +109,10 @@ class Runtime:
         if self.watcher is not None:
             await self.watcher.stop()
         await self.catalog.stop()
-        for pool in (self.decoders, self.inference, self.loader):
+        self.trimmer.cancel()
+        self.decoders.close()
+        for pool in (self.painters, self.inference, self.loader):
             pool.shutdown(wait=False, cancel_futures=True)
-        if self._found_max_pixels is not None:
-            configure_decoding(self._found_max_pixels)
 
 
 RuntimeDep = NamedDependency[Runtime]

@@ -15,9 +15,9 @@ from typing import Any
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
-from service.api.access import configure_logging
 from service.app import create_app
 from service.config import Settings
+from service.logs import configure_logging
 from service.protocols import HttpLimits, LimitedConfig
 from service.runtime import Runtime
 

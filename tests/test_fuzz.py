@@ -11,6 +11,10 @@ from pathlib import Path
 from tests.data.make_corpus import HERE as CORPUS
 
 TARGET = Path(__file__).resolve().parent / "fuzz_decode.py"
+# Every input must decode within this resident size (the fuzzer's own included), as in `make fuzz`.
+RSS_LIMIT_MB = int(
+    re.search(r"FUZZ_RSS_MB := (\d+)", (TARGET.parent.parent / "Makefile").read_text())[1]  # type: ignore[index]
+)
 
 
 def test_decode_path_survives_fuzzing(tmp_path: Path) -> None:
@@ -19,12 +23,15 @@ def test_decode_path_survives_fuzzing(tmp_path: Path) -> None:
     for upload in CORPUS.glob("*.bin"):  # images only: the .http files are whole requests
         shutil.copy(upload, seeds)
     result = subprocess.run(
-        [sys.executable, str(TARGET), str(seeds), "-max_total_time=20", "-rss_limit_mb=4096",
-         "-seed=1", f"-artifact_prefix={tmp_path}/"],
+        [sys.executable, str(TARGET), str(seeds), "-max_total_time=20", "-seed=1",
+         f"-rss_limit_mb={RSS_LIMIT_MB}", "-timeout=10", f"-artifact_prefix={tmp_path}/"],
         capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     runs = re.search(r"Done (\d+) runs", result.stderr)
     assert runs is not None
     assert int(runs[1]) > 10_000
-    assert not list(tmp_path.glob("crash-*"))
+    found = [
+        p.name for pattern in ("crash-*", "oom-*", "timeout-*") for p in tmp_path.glob(pattern)
+    ]
+    assert not found, result.stderr[-4000:]

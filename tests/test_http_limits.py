@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from service.api.access import JsonFormatter, TextFormatter
+from service.logs import JsonFormatter, TextFormatter
 from tests.support import ServerProcess, exchange, running_server
 
 TIMEOUT_S = 1.0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import re
 import time
@@ -103,85 +102,3 @@ def _log(scope: dict[str, Any], facts: dict[str, Any], status: int, elapsed: flo
     if client:
         record["client"] = client[0]
     log.info("access", extra={"access": record})
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line; access lines carry their fields at the top level."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-        }
-        access = getattr(record, "access", None)
-        if access is not None:
-            entry.update(access)
-        else:
-            entry["message"] = record.getMessage()
-        if record.exc_info:
-            entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-SUSPECT = re.compile(r"[^!-~]")  # all but visible ASCII; each is checked by _escape_char
-
-
-def _escape_char(match: re.Match[str]) -> str:
-    char = match.group()
-    if char.isprintable() and not char.isspace():
-        return char  # visible non-ASCII text, such as a name in Greek
-    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
-
-
-def escape(value: object) -> str:
-    """A log field that cannot end the line, pose as another field or hide text.
-
-    Control, format and space characters become `\\xNN`/`\\uNNNN` (a `%0a` in a path logs as
-    `\\x0a`); a backslash is doubled, so an escape in the log always means an escaped character.
-    """
-    return SUSPECT.sub(_escape_char, str(value).replace("\\", "\\\\"))
-
-
-def escape_text(value: str) -> str:
-    """Like escape(), but plain spaces stay: for the arguments of a log message."""
-    return " ".join(escape(part) for part in value.split(" "))
-
-
-class TextFormatter(logging.Formatter):
-    """One line per record; client-controlled text (paths, ids, message arguments) escaped."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        access = getattr(record, "access", None)
-        if access is None:
-            if isinstance(record.args, tuple) and record.args:
-                # a copy: other handlers (and the exception text) see the record unchanged
-                record = logging.makeLogRecord(record.__dict__)
-                record.args = tuple(
-                    escape_text(arg) if isinstance(arg, str) else arg
-                    for arg in cast("tuple[object, ...]", record.args)
-                )
-            return super().format(record)
-        extras = " ".join(
-            f"{k}={escape(v)}"
-            for k, v in access.items()
-            if k not in {"method", "path", "status", "latency_ms"}
-        )
-        request = f"{escape(access['method'])} {escape(access['path'])} {access['status']}"
-        line = f"{request} {access['latency_ms']}ms {extras}"
-        return f"{self.formatTime(record, '%H:%M:%S')} {record.levelname} {record.name} {line}"
-
-
-def configure_logging(log_format: str, level: str) -> None:
-    handler = logging.StreamHandler()
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(
-            TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", "%H:%M:%S")
-        )
-    for name in ("convserve", "uvicorn", "litestar"):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
-        logger.setLevel(level.upper())
-        logger.propagate = False

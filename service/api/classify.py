@@ -1,39 +1,39 @@
-"""The request path shared by every prediction API: decode in the thread pool, queue on the
-model's batcher, wait for the answers within the deadline."""
+"""The request path shared by every prediction API: decode in the decoder processes, queue on
+the model's batcher, wait for the answers within the deadline."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Sequence
 
 import numpy as np
 
 from service import metrics
 from service.api.uploads import Upload
-from service.batching import Outcome, Task, gather_first_error
+from service.batching import Outcome, Task
 from service.catalog import Deployment
-from service.errors import ServiceError
-from service.imaging import DecodeLimits, PreparedImage, prepare_image
+from service.errors import DeadlineExceededError
+from service.imaging import PreparedImage
 from service.runtime import Runtime
 
 
-def _prepare(
-    runtime: Runtime, deployment: Deployment, upload: Upload, keep_display: bool
-) -> PreparedImage:
-    """Decode + preprocess one image (runs in the decode thread pool)."""
-    started = time.perf_counter()
-    spec = deployment.classifier.spec.input
+async def prepare_uploads(
+    runtime: Runtime, deployment: Deployment, uploads: Sequence[Upload], deadline: float,
+    *, keep_display: bool = False,
+) -> list[PreparedImage]:  # fmt: skip
+    """Decode + preprocess a request's images for this version, labelled for their errors."""
+    classifier = deployment.classifier
     try:
-        limits = DecodeLimits.from_settings(runtime.settings)
-        prepared = prepare_image(upload.data, spec, limits, keep_display=keep_display)
-    except ServiceError as exc:
-        if upload.label != "body":
-            exc.detail = f"{upload.label}: {exc.detail}"
+        return await runtime.decoders.prepare(
+            [upload.data for upload in uploads],
+            classifier.spec.input,
+            deadline,
+            keep_display=keep_display,
+            labels=["" if u.label == "body" else u.label for u in uploads],
+            timing=metrics.PREPROCESS.labels(classifier.name, str(deployment.version)),
+        )
+    except DeadlineExceededError:
+        metrics.REJECTED.labels(classifier.name, metrics.DEADLINE).inc()
         raise
-    labels = (deployment.classifier.name, str(deployment.version))
-    metrics.PREPROCESS.labels(*labels).observe(time.perf_counter() - started)
-    return prepared
 
 
 async def classify(
@@ -48,16 +48,12 @@ async def classify(
 ) -> tuple[list[Outcome], list[PreparedImage | None]]:
     """Images (bytes to decode, or (C, H, W) arrays already preprocessed) -> one outcome each,
     in order. The batcher knows they are coming while they decode, so a batch can wait."""
-    loop = asyncio.get_running_loop()
     batcher = deployment.batcher
     with batcher.incoming(len(items)):
-        pool = runtime.decoders
-        decoding: list[asyncio.Future[PreparedImage]] = [
-            loop.run_in_executor(pool, _prepare, runtime, deployment, item, keep_display)
-            for item in items
-            if isinstance(item, Upload)
-        ]
-        decoded = iter(await gather_first_error(decoding))
+        uploads = [item for item in items if isinstance(item, Upload)]
+        decoded = iter(
+            await prepare_uploads(runtime, deployment, uploads, deadline, keep_display=keep_display)
+        )
         prepared: list[PreparedImage | None] = []
         arrays: list[np.ndarray] = []
         for item in items:

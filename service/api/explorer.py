@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -13,14 +13,16 @@ from litestar import Request, post
 from litestar.params import FromPath
 
 from service.api.access import annotate
+from service.api.classify import prepare_uploads
+from service.api.hangup import unless_hung_up
 from service.api.openapi import ImageUploadOperation, problems
 from service.api.predict import VersionQuery
 from service.api.schemas import ModelRef
-from service.api.uploads import read_uploads
+from service.api.uploads import Upload, read_uploads
+from service.catalog import Deployment
 from service.convolution import Convolution, conv_point, open_convolution
-from service.errors import BadRequestError, DeadlineExceededError
-from service.imaging import DecodeLimits, prepare_image
-from service.runtime import RuntimeDep
+from service.errors import BadRequestError
+from service.runtime import Runtime, RuntimeDep
 
 
 class Tensor(msgspec.Struct):
@@ -91,6 +93,19 @@ def layer_maps(name: str, version: int, conv: Convolution) -> LayerMaps:
     )
 
 
+async def _open(
+    runtime: Runtime, deployment: Deployment, uploads: list[Upload], layer: str, deadline: float
+) -> Convolution:
+    """Decode the image, then one pass through the model, admitted on the version's queue."""
+    (prepared,) = await prepare_uploads(runtime, deployment, uploads, deadline)
+    classifier = deployment.classifier
+    work = partial(open_convolution, classifier, prepared.array, layer)
+    try:
+        return await deployment.batcher.run_alone(work, deadline)
+    finally:
+        runtime.trimmer.soon()  # the layer's maps: megabytes for a large network, now free
+
+
 @post(
     "/models/{name:str}/layers/{layer:str}/maps",
     summary="A conv layer's kernels, bias and feature maps for one image",
@@ -123,24 +138,9 @@ async def maps(
         deployment = runtime.catalog.resolve(name, version)  # a swap may have landed meanwhile
         classifier = deployment.classifier
         conv_point(classifier, layer)
-        loop = asyncio.get_running_loop()
         # registered with the version's batcher, so retiring the version waits for this work
         with deployment.batcher.incoming(1):
-            prepared = await loop.run_in_executor(
-                runtime.decoders,
-                prepare_image,
-                uploads[0].data,
-                classifier.spec.input,
-                DecodeLimits.from_settings(runtime.settings),
+            conv = await unless_hung_up(
+                request, _open(runtime, deployment, uploads, layer, deadline)
             )
-            # the inference thread: one forward pass at a time, never beside a batch on the module
-            work = loop.run_in_executor(
-                runtime.inference, open_convolution, classifier, prepared.array, layer
-            )
-            try:
-                conv = await asyncio.wait_for(work, timeout=max(deadline - time.monotonic(), 0.0))
-            except TimeoutError:
-                raise DeadlineExceededError(
-                    f"no answer within the {runtime.settings.deadline_ms:.0f} ms deadline"
-                ) from None
         return layer_maps(classifier.name, classifier.version, conv)

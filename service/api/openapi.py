@@ -16,9 +16,9 @@ from litestar.openapi.spec import (
     Schema,
 )
 
-from service.api.schemas import Problem
+from service.api.tensors import MAX_DIM, MAX_RANK
+from service.problems import PROBLEM_TYPE, Problem
 
-PROBLEM_TYPE = "application/problem+json"
 BINARY = Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY)
 
 
@@ -66,7 +66,12 @@ class ImageUploadOperation(Operation):
 
 
 def _tensor_schema(required: list[str], properties: dict[str, Any]) -> Schema:
-    return Schema(type=OpenAPIType.OBJECT, required=required, properties=properties)
+    return Schema(
+        type=OpenAPIType.OBJECT,
+        required=required,
+        properties=properties,
+        additional_properties=False,  # unknown members are refused
+    )
 
 
 @dataclass
@@ -75,12 +80,18 @@ class InferOperation(Operation):
 
     def __post_init__(self) -> None:
         string = Schema(type=OpenAPIType.STRING)
-        parameters = Schema(type=OpenAPIType.OBJECT)
+        scalar = [OpenAPIType.STRING, OpenAPIType.NUMBER, OpenAPIType.BOOLEAN, OpenAPIType.NULL]
+        parameters = Schema(
+            type=OpenAPIType.OBJECT, additional_properties=Schema(type=scalar)
+        )  # service.api.tensors: values are never containers
+        dimension = Schema(type=OpenAPIType.INTEGER, minimum=1, maximum=MAX_DIM)
         tensor = _tensor_schema(
             ["name", "shape", "datatype"],
             {
                 "name": string,
-                "shape": Schema(type=OpenAPIType.ARRAY, items=Schema(type=OpenAPIType.INTEGER)),
+                "shape": Schema(
+                    type=OpenAPIType.ARRAY, items=dimension, min_items=1, max_items=MAX_RANK
+                ),
                 "datatype": Schema(type=OpenAPIType.STRING, enum=["BYTES", "FP32"]),
                 "data": Schema(type=OpenAPIType.ARRAY, items=Schema()),
                 "parameters": parameters,
@@ -91,7 +102,7 @@ class InferOperation(Operation):
             {
                 "id": string,
                 "parameters": parameters,
-                "inputs": Schema(type=OpenAPIType.ARRAY, items=tensor),
+                "inputs": Schema(type=OpenAPIType.ARRAY, items=tensor, min_items=1, max_items=1),
                 "outputs": Schema(
                     type=OpenAPIType.ARRAY,
                     items=_tensor_schema(["name"], {"name": string, "parameters": parameters}),

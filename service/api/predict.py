@@ -14,15 +14,17 @@ from litestar.params import FromPath, QueryParameter
 
 from service.api.access import annotate
 from service.api.classify import classify
+from service.api.hangup import unless_hung_up
 from service.api.openapi import ImageUploadOperation, problems
 from service.api.schemas import Heatmap, ModelRef, Prediction, PredictResponse, Result
-from service.api.uploads import read_uploads
-from service.batching import Outcome, gather_first_error
+from service.api.uploads import Upload, read_uploads
+from service.batching import Outcome, Task, gather_first_error
+from service.catalog import Deployment
 from service.classifier import Classifier
 from service.errors import InvalidParameterError, NotAcceptableError
 from service.heatmaps import overlay_png
 from service.imaging import PreparedImage
-from service.runtime import RuntimeDep
+from service.runtime import Runtime, RuntimeDep
 
 Method = Literal["gradcam", "activation"]
 PNG = "image/png"
@@ -87,6 +89,33 @@ def _check(
         )
 
 
+async def _answer(
+    runtime: Runtime,
+    deployment: Deployment,
+    uploads: list[Upload],
+    deadline: float,
+    method: str | None,
+    task: Task,
+    target: int | None,
+) -> tuple[list[Outcome], list[Heatmap | None]]:
+    """Classify the images and draw their heatmaps: the work a hang-up cancels."""
+    outcomes, prepared = await classify(
+        runtime, deployment, uploads, deadline, task=task, target=target,
+        keep_display=method is not None,
+    )  # fmt: skip
+    if method is None:
+        return outcomes, [None] * len(outcomes)
+    loop = asyncio.get_running_loop()
+    maps = [
+        loop.run_in_executor(runtime.painters, _heatmap, method, outcome, image)
+        for outcome, image in zip(outcomes, prepared, strict=True)
+    ]
+    try:
+        return outcomes, [*await gather_first_error(maps)]
+    finally:
+        runtime.trimmer.soon()  # gradients, displays and overlays: much memory, now free
+
+
 async def run_prediction(
     request: Request[Any, Any, Any],
     runtime: RuntimeDep,
@@ -132,23 +161,13 @@ async def _predict(
     classifier = deployment.classifier
     annotate(request, model=classifier.name, version=classifier.version)
     task = None if method is None else (method, layer or classifier.spec.heatmap_layer)
-    outcomes, prepared = await classify(
-        runtime, deployment, uploads, deadline, task=task, target=target,
-        keep_display=method is not None,
-    )  # fmt: skip
+    outcomes, heatmaps = await unless_hung_up(
+        request, _answer(runtime, deployment, uploads, deadline, method, task, target)
+    )
     annotate(request, batch_size=max(o.batch_size for o in outcomes))
-    if method is not None:
-        loop = asyncio.get_running_loop()
-        maps = [
-            loop.run_in_executor(runtime.decoders, _heatmap, method, outcome, image)
-            for outcome, image in zip(outcomes, prepared, strict=True)
-        ]
-        heatmaps: list[Heatmap | None] = [*await gather_first_error(maps)]
-        if wants_png:
-            assert heatmaps[0] is not None
-            return Response(base64.b64decode(heatmaps[0].png), media_type=PNG)
-    else:
-        heatmaps = [None] * len(outcomes)
+    if wants_png:  # a heatmap was drawn: method defaults to gradcam for image/png
+        assert heatmaps[0] is not None
+        return Response(base64.b64decode(heatmaps[0].png), media_type=PNG)
     results = [
         Result(top_predictions(o.probabilities, classifier.labels, top_k), h)
         for o, h in zip(outcomes, heatmaps, strict=True)

@@ -6,6 +6,8 @@ from typing import Any
 
 import msgspec
 
+from service.problems import Problem as Problem  # the routes' OpenAPI documents it
+
 
 class Prediction(msgspec.Struct):
     label: str
@@ -36,17 +38,6 @@ class ModelRef(msgspec.Struct):
 class PredictResponse(msgspec.Struct):
     model: ModelRef
     results: list[Result]
-
-
-class Problem(msgspec.Struct, omit_defaults=True):
-    """RFC 9457 problem details."""
-
-    type: str
-    title: str
-    status: int
-    detail: str
-    instance: str | None = None
-    error: str | None = None  # Open Inference Protocol clients read this member
 
 
 class VersionStatus(msgspec.Struct, omit_defaults=True):

@@ -4,6 +4,7 @@ Inputs: one BYTES tensor of encoded image files (base64 strings in JSON, raw byt
 binary-data extension), or one FP32 tensor already preprocessed to the model's (N, C, H, W).
 Output: `probabilities` FP32 (N, classes); with `"parameters": {"classification": k}` the
 top k as BYTES "probability:index:label" (Triton's classification extension).
+Bodies are read and bounded by service.api.tensors, large ones off the event loop.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from litestar.params import FromPath
 from service import __version__
 from service.api.access import annotate
 from service.api.classify import classify
+from service.api.hangup import unless_hung_up
 from service.api.openapi import InferOperation, problems
 from service.api.tensors import BINARY_HEADER, OUTPUT, Limits, parse_request
 from service.api.uploads import read_body
@@ -154,7 +156,8 @@ async def _infer(
         parsed = await asyncio.to_thread(parse_request, body, header_length, limits)
     else:
         parsed = parse_request(body, header_length, limits)
-    outcomes, _ = await classify(runtime, deployment, parsed.items, deadline)
+    work = classify(runtime, deployment, parsed.items, deadline)
+    outcomes, _ = await unless_hung_up(request, work)
     annotate(request, batch_size=max(o.batch_size for o in outcomes))
     probabilities = np.stack([o.probabilities for o in outcomes])
     return InferResponse(

@@ -20,7 +20,7 @@ RSS_LIMIT_MB = int(
 def test_decode_path_survives_fuzzing(tmp_path: Path) -> None:
     seeds = tmp_path / "corpus"  # the fuzzer adds what it finds: keep the committed corpus clean
     seeds.mkdir()
-    for upload in CORPUS.glob("*.bin"):  # images only: the .http files are whole requests
+    for upload in CORPUS.glob("*.bin"):  # images: not the requests (.http) nor the heavy ones
         shutil.copy(upload, seeds)
     result = subprocess.run(
         [sys.executable, str(TARGET), str(seeds), "-max_total_time=20", "-seed=1",

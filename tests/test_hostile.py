@@ -19,7 +19,7 @@ from service.spec import sha256_file
 from service.store import ModelStore
 from tests.corpus import MANIFEST, REQUESTS, UPLOADS, Reply, case_bytes, send
 from tests.data.make_corpus import HERE as CORPUS
-from tests.data.make_corpus import SUFFIX, cases
+from tests.data.make_corpus import cases, file_name
 from tests.support import (
     BUNDLED_STORE,
     ServerProcess,
@@ -98,7 +98,7 @@ def test_corpus_matches_its_generator() -> None:
         entry["name"]: {k: v for k, v in entry.items() if k != "file"} for entry in MANIFEST
     }
     assert recorded == generated
-    assert all(c["file"] == c["name"] + SUFFIX[c["kind"]] for c in MANIFEST)
+    assert all(c["file"] == file_name(c) for c in MANIFEST)
     assert {p.name for p in CORPUS.iterdir()} == {"manifest.json", *(c["file"] for c in MANIFEST)}
 
 

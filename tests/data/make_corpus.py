@@ -12,7 +12,9 @@ manifest.json lists each case:
 - "kind": "http": the file is a whole raw HTTP/1.1 request (it closes its connection).
 and for both, "status" (the status the service owes it, or "closed" where the server may only
 drop the connection) and "detail" (a fragment of the problem+json detail).
-Uploads are .bin files (the fuzzer's seeds), requests .http files.
+Uploads are .bin files, the fuzzer's seeds, except the "heavy" ones (slow but legal: they would
+spend the fuzzer's time inflating megabytes, not finding paths), which are .heavy files;
+requests are .http files.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from PIL import Image
 from tests.support import Digit, digit_picture, encodings, held_out_digits, png_bytes
 
 HERE = Path(__file__).resolve().parent / "corpus"
-SUFFIX = {"upload": ".bin", "http": ".http"}
 MODEL = "digits"  # the bundled model V2 requests name
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Just under CONVSERVE_MAX_PIXELS' default (40,000,000): legal, but slow and heavy to decode.
@@ -441,7 +442,7 @@ def cases() -> list[tuple[dict[str, Any], bytes]]:
         (upload("jpeg2000-huge-canvas", "image/jp2", 415, refused("JPEG2000")),
          jpeg2000_huge(picture)),
         # slow but legal: just under CONVSERVE_MAX_PIXELS, 16 bits a sample
-        (upload("png-16bit-40mp", "image/png", 200, label=label),
+        (upload("png-16bit-40mp", "image/png", 200, label=label, heavy=True),
          png_16bit_largest_legal(digits[0])),
     ]  # fmt: skip
     image = png_bytes(digits[0].image)
@@ -491,13 +492,18 @@ def v2_infer_at(version: str, body: str) -> bytes:
     return http_request("POST", f"/v2/models/{MODEL}/versions/{version}/infer", body.encode())
 
 
+def file_name(entry: dict[str, Any]) -> str:
+    suffix = ".heavy" if entry.get("heavy") else {"upload": ".bin", "http": ".http"}[entry["kind"]]
+    return f"{entry['name']}{suffix}"
+
+
 def main() -> None:
     HERE.mkdir(parents=True, exist_ok=True)
     for stale in HERE.iterdir():
         stale.unlink()
     manifest = []
     for entry, data in cases():
-        entry["file"] = entry["name"] + SUFFIX[entry["kind"]]
+        entry["file"] = file_name(entry)
         (HERE / entry["file"]).write_bytes(data)
         manifest.append(entry)
     (HERE / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -113,7 +113,10 @@ class DecodePool:
         """Start every decoder (in parallel) and return once all of them answer."""
         loop = asyncio.get_running_loop()
         starts = [loop.run_in_executor(None, self._spawn, slot) for slot in range(self.size)]
-        await asyncio.gather(*starts)
+        try:
+            await asyncio.gather(*starts)
+        except ShuttingDownError:
+            return  # closed while starting
         for slot in range(self.size):
             thread = threading.Thread(
                 target=self._drive, args=(slot,), name=f"convserve-decode-{slot}", daemon=True
@@ -131,9 +134,10 @@ class DecodePool:
             pending = [work for queue in self._pending.values() for work in queue]
             self._pending.clear()
             self._lock.notify_all()
+            children, self._children = self._children, [None] * self.size
         for work in pending:
             work.future.cancel()
-        for child in self._children:
+        for child in children:
             if child is not None:
                 child.kill()
 
@@ -198,8 +202,12 @@ class DecodePool:
 
     def _spawn(self, slot: int) -> Child:
         child = Child(self.config)
-        self._children[slot] = child
-        return child
+        with self._lock:
+            if not self._closed:
+                self._children[slot] = child
+                return child
+        child.kill()  # the pool closed while this one started: nobody would stop it
+        raise ShuttingDownError("the server is shutting down; retry", retry_after=1)
 
     def _take(self, slot: int) -> Work | None:
         with self._lock:
@@ -292,6 +300,8 @@ class DecodePool:
         if not self._closed:
             try:
                 self._spawn(slot)
+            except ShuttingDownError:
+                pass
             except (OSError, RuntimeError) as exc:
                 log.error("decoder %d did not restart (%s); the next image retries", slot, exc)
 

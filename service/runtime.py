@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from litestar.di import NamedDependency
 
 from service import metrics
 from service.catalog import Catalog, resolve_device
@@ -113,7 +112,3 @@ class Runtime:
         self.decoders.close()
         for pool in (self.painters, self.inference, self.loader):
             pool.shutdown(wait=False, cancel_futures=True)
-
-
-RuntimeDep = NamedDependency[Runtime]
-"""How route handlers ask Litestar for the runtime."""

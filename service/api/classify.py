@@ -1,9 +1,11 @@
-"""The request path shared by every prediction API: decode in the decoder processes, queue on
-the model's batcher, wait for the answers within the deadline."""
+"""The request path shared by every prediction API (REST, V2, the explorer): route to a version
+around reading the body, decode in the decoder processes, queue on the model's batcher, wait for
+the answers within the deadline. No HTTP here: the adapters pass in how to read their body."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -14,6 +16,26 @@ from service.catalog import Deployment
 from service.errors import DeadlineExceededError
 from service.imaging import PreparedImage
 from service.runtime import Runtime
+
+T = TypeVar("T")
+
+
+async def route_body(
+    runtime: Runtime,
+    name: str | None,
+    version: str | None,
+    read: Callable[[], Awaitable[T]],
+    check: Callable[[Deployment], object] = lambda deployment: None,
+) -> tuple[Deployment, T]:
+    """Resolve the version and run the route's own checks before the body arrives (a 404 or 503
+    costs the client no upload), read it, then resolve again: a swap may have landed meanwhile."""
+    first = runtime.catalog.resolve(name, version)
+    check(first)
+    body = await read()
+    latest = runtime.catalog.resolve(name, version)
+    if latest is not first:
+        check(latest)
+    return latest, body
 
 
 async def prepare_uploads(

@@ -13,7 +13,8 @@ from litestar import Request, post
 from litestar.params import FromPath
 
 from service.api.access import annotate
-from service.api.classify import prepare_uploads
+from service.api.classify import prepare_uploads, route_body
+from service.api.dependencies import RuntimeDep
 from service.api.hangup import unless_hung_up
 from service.api.openapi import ImageUploadOperation, problems
 from service.api.predict import VersionQuery
@@ -22,7 +23,7 @@ from service.api.uploads import Upload, read_uploads
 from service.catalog import Deployment
 from service.convolution import Convolution, conv_point, open_convolution
 from service.errors import BadRequestError
-from service.runtime import Runtime, RuntimeDep
+from service.runtime import Runtime
 
 
 class Tensor(msgspec.Struct):
@@ -128,16 +129,22 @@ async def maps(
 ) -> LayerMaps:
     with runtime.admitted():
         deadline = time.monotonic() + runtime.settings.deadline_s
-        deployment = runtime.catalog.resolve(name, version)
-        classifier = deployment.classifier
-        annotate(request, model=classifier.name, version=classifier.version, layer=layer)
-        conv_point(classifier, layer)  # 404 naming the conv layers, before reading the body
-        uploads = await read_uploads(request, runtime.settings, deadline)
+
+        def check(deployment: Deployment) -> None:
+            classifier = deployment.classifier
+            annotate(request, model=classifier.name, version=classifier.version, layer=layer)
+            conv_point(classifier, layer)  # 404 naming the conv layers
+
+        deployment, uploads = await route_body(
+            runtime,
+            name,
+            version,
+            partial(read_uploads, request, runtime.settings, deadline),
+            check,
+        )
         if len(uploads) != 1:
             raise BadRequestError(f"send one image to look inside a layer; got {len(uploads)}")
-        deployment = runtime.catalog.resolve(name, version)  # a swap may have landed meanwhile
         classifier = deployment.classifier
-        conv_point(classifier, layer)
         # registered with the version's batcher, so retiring the version waits for this work
         with deployment.batcher.incoming(1):
             conv = await unless_hung_up(

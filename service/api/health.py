@@ -7,10 +7,10 @@ from typing import Any
 from litestar import Request, Response, get
 
 from service import metrics
+from service.api.dependencies import RuntimeDep
 from service.api.openapi import problems
 from service.api.schemas import Health
 from service.errors import ModelNotReadyError, ShuttingDownError
-from service.runtime import RuntimeDep
 
 
 @get("/health/live", summary="The process is up")

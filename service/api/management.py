@@ -15,6 +15,7 @@ from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 from litestar.params import FromPath, JSONBody
 
+from service.api.dependencies import RuntimeDep
 from service.api.models import model_status
 from service.api.openapi import problems
 from service.api.schemas import ModelStatus
@@ -25,7 +26,7 @@ from service.errors import (
     ModelRefusedError,
     UnauthorizedError,
 )
-from service.runtime import Runtime, RuntimeDep
+from service.runtime import Runtime
 from service.store import check_name, parse_version
 
 MANAGEMENT_DOCS: dict[str, Any] = {"responses": problems(400, 401, 403, 404, 409, 422, 503)}

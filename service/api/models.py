@@ -8,6 +8,7 @@ import msgspec
 from litestar import get
 from litestar.params import FromPath
 
+from service.api.dependencies import RuntimeDep
 from service.api.openapi import problems
 from service.api.schemas import (
     AnatomyInfo,
@@ -19,7 +20,6 @@ from service.api.schemas import (
     VersionStatus,
 )
 from service.catalog import Deployment, ModelEntry
-from service.runtime import RuntimeDep
 
 CARD_PROBLEMS = problems(404, 503)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from functools import partial
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -13,7 +14,8 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, QueryParameter
 
 from service.api.access import annotate
-from service.api.classify import classify
+from service.api.classify import classify, route_body
+from service.api.dependencies import RuntimeDep
 from service.api.hangup import unless_hung_up
 from service.api.openapi import ImageUploadOperation, problems
 from service.api.schemas import Heatmap, ModelRef, Prediction, PredictResponse, Result
@@ -24,7 +26,7 @@ from service.classifier import Classifier
 from service.errors import InvalidParameterError, NotAcceptableError
 from service.heatmaps import overlay_png
 from service.imaging import PreparedImage
-from service.runtime import Runtime, RuntimeDep
+from service.runtime import Runtime
 
 Method = Literal["gradcam", "activation"]
 PNG = "image/png"
@@ -147,17 +149,15 @@ async def _predict(
         raise InvalidParameterError(
             "`layer` and `target` apply only with heatmap=gradcam|activation"
         )
-    deployment = runtime.catalog.resolve(name, version)
-    _check(deployment.classifier, method, layer, target)  # fail fast, before the body arrives
-    uploads = await read_uploads(request, runtime.settings, deadline)
+    deployment, uploads = await route_body(
+        runtime, name, version,
+        partial(read_uploads, request, runtime.settings, deadline),
+        lambda d: _check(d.classifier, method, layer, target),
+    )  # fmt: skip
     if wants_png and len(uploads) != 1:
         raise NotAcceptableError(
             f"Accept: image/png returns one heatmap picture, but {len(uploads)} images were sent"
         )
-    latest = runtime.catalog.resolve(name, version)  # a swap may have landed meanwhile
-    if latest is not deployment:
-        deployment = latest
-        _check(deployment.classifier, method, layer, target)
     classifier = deployment.classifier
     annotate(request, model=classifier.name, version=classifier.version)
     task = None if method is None else (method, layer or classifier.spec.heatmap_layer)

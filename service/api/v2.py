@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -20,14 +21,15 @@ from litestar.params import FromPath
 
 from service import __version__
 from service.api.access import annotate
-from service.api.classify import classify
+from service.api.classify import classify, route_body
+from service.api.dependencies import RuntimeDep
 from service.api.hangup import unless_hung_up
 from service.api.openapi import InferOperation, problems
 from service.api.tensors import BINARY_HEADER, OUTPUT, Limits, parse_request
 from service.api.uploads import read_body
 from service.catalog import Deployment
 from service.errors import ModelNotReadyError
-from service.runtime import Runtime, RuntimeDep
+from service.runtime import Runtime
 
 OFF_LOOP_BYTES = 1 << 20  # bodies above this are parsed in a worker thread
 
@@ -145,9 +147,8 @@ async def _infer(
     request: Request[Any, Any, Any], runtime: Runtime, name: str, version: str | None
 ) -> InferResponse:
     deadline = time.monotonic() + runtime.settings.deadline_s
-    runtime.catalog.resolve(name, version)  # 404 / 503 before the body is read
-    body = await read_body(request, runtime.settings, deadline)
-    deployment = runtime.catalog.resolve(name, version)  # the version serving now
+    read = partial(read_body, request, runtime.settings, deadline)
+    deployment, body = await route_body(runtime, name, version, read)
     classifier = deployment.classifier
     annotate(request, model=classifier.name, version=classifier.version)
     limits = Limits(runtime.settings.max_images, classifier.input_shape, len(classifier.labels))

@@ -20,8 +20,9 @@ RSS_LIMIT_MB = int(
 
 def test_decode_path_survives_fuzzing(tmp_path: Path) -> None:
     seeds = tmp_path / "corpus"  # the fuzzer adds what it finds: keep the committed corpus clean
-    shutil.copytree(CORPUS, seeds)
-    (seeds / "manifest.json").unlink()
+    seeds.mkdir()
+    for upload in CORPUS.glob("*.bin"):  # images: not the requests (.http) nor the heavy ones
+        shutil.copy(upload, seeds)
     fuzz = shlex.join(
         [sys.executable, str(TARGET), str(seeds), "-max_total_time=20", "-seed=1",
          f"-rss_limit_mb={RSS_LIMIT_MB}", "-timeout=10", f"-artifact_prefix={tmp_path}/"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pickle
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,19 @@ from service.cli import main
 from service.errors import ModelLoadError
 from service.spec import sha256_file
 from service.store import ModelStore
+from tests.corpus import MANIFEST, REQUESTS, UPLOADS, Reply, case_bytes, send
 from tests.data.make_corpus import HERE as CORPUS
-from tests.data.make_corpus import cases
-from tests.support import BUNDLED_STORE, exchange, held_out_digits, png_bytes, running_server
+from tests.data.make_corpus import cases, file_name
+from tests.support import (
+    BUNDLED_STORE,
+    ServerProcess,
+    exchange,
+    held_out_digits,
+    png_bytes,
+    running_server,
+)
 
 pytestmark = pytest.mark.anyio
-MANIFEST: list[dict[str, Any]] = json.loads((CORPUS / "manifest.json").read_text())
 PNG = {"content-type": "image/png"}
 
 
@@ -32,11 +40,11 @@ async def still_serves(client: httpx.AsyncClient) -> None:
     assert response.json()["results"][0]["predictions"][0]["class_index"] == digit.label
 
 
-@pytest.mark.parametrize("case", MANIFEST, ids=[c["name"] for c in MANIFEST])
+@pytest.mark.parametrize("case", UPLOADS, ids=[c["name"] for c in UPLOADS])
 async def test_corpus_case_gets_its_documented_answer(
     client: httpx.AsyncClient, case: dict[str, Any]
 ) -> None:
-    body = (CORPUS / case["file"]).read_bytes()
+    body = case_bytes(case)
     response = await client.post(
         "/predict", content=body, headers={"content-type": case["content_type"]}
     )
@@ -55,12 +63,42 @@ async def test_corpus_case_gets_its_documented_answer(
     await still_serves(client)
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One real uvicorn process: header and request-line limits live in its HTTP protocol."""
+    with running_server(tmp_path_factory.mktemp("hostile")) as process:
+        yield process
+
+
+def check_reply(case: dict[str, Any], reply: Reply) -> None:
+    """The documented status as problem+json with its detail fragment (or a closed socket)."""
+    assert reply.outcome == case["status"], (case["name"], reply.outcome, reply.body[:300])
+    if reply.status is None or reply.status == 200:
+        return
+    assert reply.headers["content-type"] == "application/problem+json", reply.headers
+    problem = reply.problem()
+    assert problem["status"] == case["status"]
+    assert case["detail"] in problem["detail"], problem["detail"]
+    assert "Traceback" not in problem["detail"]
+
+
+@pytest.mark.parametrize("case", REQUESTS, ids=[c["name"] for c in REQUESTS])
+def test_request_case_gets_its_documented_answer(
+    server: ServerProcess, case: dict[str, Any]
+) -> None:
+    check_reply(case, send(server.url, case_bytes(case), timeout=20))
+    ok = httpx.post(f"{server.url}/predict", content=png_bytes(held_out_digits(1)[0].image),
+                    headers=PNG)  # fmt: skip
+    assert ok.status_code == 200
+
+
 def test_corpus_matches_its_generator() -> None:
     generated = {entry["name"]: entry for entry, _ in cases()}
     recorded = {
         entry["name"]: {k: v for k, v in entry.items() if k != "file"} for entry in MANIFEST
     }
     assert recorded == generated
+    assert all(c["file"] == file_name(c) for c in MANIFEST)
     assert {p.name for p in CORPUS.iterdir()} == {"manifest.json", *(c["file"] for c in MANIFEST)}
 
 

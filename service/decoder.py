@@ -8,6 +8,7 @@ plain bytes and numbers: the parent never unpickles anything a decoder sends.
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from multiprocessing.connection import Connection
@@ -28,6 +29,7 @@ from service.imaging import (
 from service.spec import InputSpec
 
 READY = b"ready"
+DECODER_NICENESS = 10
 MIB = 1024 * 1024
 WARM_UP_SPEC = InputSpec(channels=3, height=32, width=32, mean=[0.5] * 3, std=[0.5] * 3)
 
@@ -135,6 +137,9 @@ def serve(conn: Connection, config: DecoderConfig) -> None:
 def main(argv: list[str]) -> int:
     config = msgspec.json.decode(argv[0], type=DecoderConfig)
     conn = Connection(int(argv[1]))
+    # below the server's event loop and inference thread: a flood of heavy images must not
+    # keep the process that answers health checks and sheds load from the cores
+    os.nice(DECODER_NICENESS)
     configure_decoding(config.max_pixels)  # Pillow's own bomb guard, at our limit
     warm_up_decoding(WARM_UP_SPEC, config.limits)  # codecs load lazily: before the ceiling
     set_ceiling(config.memory_mb)

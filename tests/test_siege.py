@@ -158,11 +158,7 @@ def start_probe(url: str) -> subprocess.Popen[str]:
 
 def stop_probe(probe: subprocess.Popen[str]) -> list[tuple[float, float, int]]:
     """(started, seconds, status) of every poll the probe made."""
-    assert probe.stdin is not None
-    assert probe.stdout is not None
-    probe.stdin.close()  # its signal to stop
-    output = probe.stdout.read()
-    probe.wait(timeout=30)
+    output, _ = probe.communicate(timeout=30)  # closing its stdin is its signal to stop
     polls = [line.split() for line in output.splitlines()]
     return [(float(started), float(seconds), int(status)) for started, seconds, status in polls]
 

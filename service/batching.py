@@ -60,6 +60,18 @@ async def gather_first_error(futures: Sequence[asyncio.Future[T]]) -> list[T]:
 
 
 @dataclass(eq=False)
+class Admission:
+    """Queue places a request holds for images still on their way (being decoded)."""
+
+    pending: int
+
+    def take(self, count: int) -> None:
+        if count > self.pending:
+            raise ValueError(f"{count} images submitted on an admission for {self.pending}")
+        self.pending -= count
+
+
+@dataclass(eq=False)
 class Job:
     array: np.ndarray  # (C, H, W) float32, normalized
     future: asyncio.Future[Outcome]
@@ -116,30 +128,43 @@ class Batcher:
         )
 
     @contextlib.contextmanager
-    def incoming(self, count: int) -> Iterator[None]:
-        """Mark `count` images as being decoded for this model: a forming batch waits for them.
+    def incoming(self, count: int) -> Iterator[Admission]:
+        """Admit `count` images of one request, before they are decoded: 503 at once when the
+        queue, counting the images still decoding, has no room (a flood is refused before it
+        costs a decode). While they decode, a forming batch waits for them.
 
         A request enters here right after it was routed to this version (with no await in
         between), so a version being retired waits for it instead of refusing it.
         """
         if self._closed:
             raise ShuttingDownError("the model version is being unloaded; retry", retry_after=1)
+        queued = len(self._queue) + self._alone + self._incoming
+        if queued + count > self.max_queue:
+            metrics.REJECTED.labels(self._labels[0], metrics.QUEUE_FULL).inc()
+            raise QueueFullError(
+                f"the queue for {self._labels[0]} v{self._labels[1]} holds {queued} of "
+                f"{self.max_queue} images (decoding or waiting); retry shortly",
+                retry_after=1,
+            )
+        admission = Admission(count)
         self._incoming += count
         try:
-            yield
+            yield admission
         finally:
-            self._incoming -= count
+            self._incoming -= admission.pending
             self._wake.set()
 
     def submit(
         self,
+        admission: Admission,
         arrays: Sequence[np.ndarray],
         deadline: float,
         task: Task = None,
         target: int | None = None,
     ) -> list[Job]:
-        """Queue one request's images together, or refuse them all at once (503) when full."""
-        self._admit(len(arrays))
+        """Queue one admitted request's images together."""
+        admission.take(len(arrays))
+        self._incoming -= len(arrays)
         loop = asyncio.get_running_loop()
         jobs = [Job(array, loop.create_future(), deadline, task, target) for array in arrays]
         self._queue.extend(jobs)
@@ -147,21 +172,12 @@ class Batcher:
         self._wake.set()
         return jobs
 
-    def _admit(self, count: int) -> None:
-        queued = len(self._queue) + self._alone
-        if queued + count > self.max_queue:
-            metrics.REJECTED.labels(self._labels[0], metrics.QUEUE_FULL).inc()
-            raise QueueFullError(
-                f"the queue for {self._labels[0]} v{self._labels[1]} holds {queued} of "
-                f"{self.max_queue} images; retry shortly",
-                retry_after=1,
-            )
-
-    async def run_alone(self, work: Callable[[], T], deadline: float) -> T:
-        """One request's own pass through the model (the explorer's maps), admitted like a
-        batch job: it takes a queue place (503 when none is left), runs on the inference thread
-        between batches, and is dropped unrun once its deadline has passed (504)."""
-        self._admit(1)
+    async def run_alone(self, admission: Admission, work: Callable[[], T], deadline: float) -> T:
+        """One admitted request's own pass through the model (the explorer's maps): it keeps
+        its queue place, runs on the inference thread between batches, and is dropped unrun
+        once its deadline has passed (504)."""
+        admission.take(1)
+        self._incoming -= 1
 
         def in_time() -> T:
             if time.monotonic() >= deadline:

@@ -117,11 +117,12 @@ def serve(settings: Settings) -> int:
     return 0
 
 
-def serve_worker(settings: Settings, listener: socket.socket, *, replacement: bool) -> int:
-    """One supervised worker: the same server as a single process, on the shared socket. A
-    replacement accepts only once its models are loaded; the others are serving meanwhile."""
+def serve_worker(settings: Settings, listener: socket.socket) -> int:
+    """One supervised worker: the same server as a single process, on the shared socket. It
+    accepts only once its models are loaded: whichever worker the kernel hands a connection
+    can answer it (a replacement never takes traffic the others could serve)."""
     configure_logging(settings.log_format, settings.log_level)
-    app = create_app(settings, start_when_loaded=replacement)
+    app = create_app(settings, start_when_loaded=True)
     server = DrainingServer(_config(settings, app), app.state.runtime, supervised=True)
     server.run(sockets=[listener])
     return 0

@@ -61,7 +61,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         for index in range(self.settings.workers):
-            self._start(index, replacement=False)
+            self._start(index)
         log.info(
             "supervisor %d: %d workers on http://%s:%d",
             os.getpid(),
@@ -88,18 +88,16 @@ class Supervisor:
                 log.error("worker %d died (exit %d); starting another", worker.process.pid, code)
                 if time.monotonic() - worker.started < RESTART_BACKOFF_S:
                     time.sleep(RESTART_BACKOFF_S)
-                self._start(index, replacement=True)
+                self._start(index)
         if self.own_metrics_dir:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
         return 1 if failed else 0
 
-    def _start(self, index: int, *, replacement: bool) -> None:
+    def _start(self, index: int) -> None:
         assert self.listener is not None
         fd = self.listener.fileno()
         settings = json.dumps(self.settings.to_env())
         command = [sys.executable, "-m", "service.worker", settings, str(fd)]
-        if replacement:  # it takes connections only once it can answer them
-            command.append("replacement")
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
         process = subprocess.Popen(command, pass_fds=[fd], env=env, stdin=subprocess.DEVNULL)
         self.workers[index] = Worker(index, process, time.monotonic())

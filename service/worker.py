@@ -1,5 +1,5 @@
-"""A supervised worker (`python -m service.worker SETTINGS FD [replacement]`): one whole server
-on the supervisor's listening socket, with the settings it was given on its command line."""
+"""A supervised worker (`python -m service.worker SETTINGS FD`): one whole server on the
+supervisor's listening socket, with the settings it was given on its command line."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from service.server import serve_worker
 def main(argv: list[str]) -> int:
     settings = Settings.from_env(json.loads(argv[0]))
     listener = socket.socket(fileno=int(argv[1]))
-    return serve_worker(settings, listener, replacement=argv[2:] == ["replacement"])
+    return serve_worker(settings, listener)
 
 
 if __name__ == "__main__":

@@ -366,7 +366,8 @@ def test_a_worker_killed_under_load_is_replaced_and_the_others_keep_answering(
         assert victim not in now
         assert len(now) == 2
     answered = [r for _, r in results if isinstance(r, httpx.Response)]
-    assert {r.status_code for r in answered} == {200}
+    refused = [r.text for r in answered if r.status_code != 200]
+    assert not refused, refused[:3]
     after = [r for t, r in results if t > killed_at + 0.5]
     # the survivor answered while the replacement started: only the victim's own connections
     # (in its accept queue or mid-request when it died) saw errors

@@ -71,7 +71,7 @@ async def classify(
     """Images (bytes to decode, or (C, H, W) arrays already preprocessed) -> one outcome each,
     in order. The batcher knows they are coming while they decode, so a batch can wait."""
     batcher = deployment.batcher
-    with batcher.incoming(len(items)):
+    with batcher.incoming(len(items)) as admission:
         uploads = [item for item in items if isinstance(item, Upload)]
         decoded = iter(
             await prepare_uploads(runtime, deployment, uploads, deadline, keep_display=keep_display)
@@ -86,5 +86,5 @@ async def classify(
             else:
                 prepared.append(None)
                 arrays.append(item)
-        jobs = batcher.submit(arrays, deadline, task, target)
+        jobs = batcher.submit(admission, arrays, deadline, task, target)
     return await batcher.results(jobs, deadline), prepared

@@ -20,6 +20,7 @@ from service.api.openapi import ImageUploadOperation, problems
 from service.api.predict import VersionQuery
 from service.api.schemas import ModelRef
 from service.api.uploads import Upload, read_uploads
+from service.batching import Admission
 from service.catalog import Deployment
 from service.convolution import Convolution, conv_point, open_convolution
 from service.errors import BadRequestError
@@ -95,14 +96,19 @@ def layer_maps(name: str, version: int, conv: Convolution) -> LayerMaps:
 
 
 async def _open(
-    runtime: Runtime, deployment: Deployment, uploads: list[Upload], layer: str, deadline: float
+    runtime: Runtime,
+    deployment: Deployment,
+    admission: Admission,
+    uploads: list[Upload],
+    layer: str,
+    deadline: float,
 ) -> Convolution:
     """Decode the image, then one pass through the model, admitted on the version's queue."""
     (prepared,) = await prepare_uploads(runtime, deployment, uploads, deadline)
     classifier = deployment.classifier
     work = partial(open_convolution, classifier, prepared.array, layer)
     try:
-        return await deployment.batcher.run_alone(work, deadline)
+        return await deployment.batcher.run_alone(admission, work, deadline)
     finally:
         runtime.trimmer.soon()  # the layer's maps: megabytes for a large network, now free
 
@@ -146,8 +152,8 @@ async def maps(
             raise BadRequestError(f"send one image to look inside a layer; got {len(uploads)}")
         classifier = deployment.classifier
         # registered with the version's batcher, so retiring the version waits for this work
-        with deployment.batcher.incoming(1):
+        with deployment.batcher.incoming(1) as admission:
             conv = await unless_hung_up(
-                request, _open(runtime, deployment, uploads, layer, deadline)
+                request, _open(runtime, deployment, admission, uploads, layer, deadline)
             )
         return layer_maps(classifier.name, classifier.version, conv)

@@ -182,6 +182,25 @@ def test_idle_and_slow_heads_are_closed_after_the_header_timeout(server: ServerP
     assert_serves(server)
 
 
+def keep_sending(sock: socket.socket, data: bytes, seconds: float) -> bytes:
+    """Send `data` again and again (a 0.2 s receive timeout apart) for at most `seconds`,
+    collecting what comes back until the server closes the connection."""
+    received = b""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        try:
+            sock.sendall(data)
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
 def test_an_answered_request_cannot_hold_its_connection_with_a_slow_body(
     server: ServerProcess,
 ) -> None:
@@ -190,18 +209,7 @@ def test_an_answered_request_cannot_hold_its_connection_with_a_slow_body(
         sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\na")
         sock.settimeout(0.2)
         answered = time.monotonic()
-        received = b""
-        while time.monotonic() - answered < 5 * TIMEOUT_S:
-            try:
-                sock.sendall(b"a")
-                chunk = sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-            if not chunk:
-                break
-            received += chunk
+        received = keep_sending(sock, b"a", 5 * TIMEOUT_S)
         assert received.startswith(b"HTTP/1.1 200"), received[:200]
         assert received.count(b"HTTP/1.1") == 1  # no second answer for the same request
         assert time.monotonic() - answered < 3 * TIMEOUT_S
@@ -214,17 +222,8 @@ def test_blank_lines_after_an_answer_do_not_keep_a_connection(server: ServerProc
         received = sock.recv(65536)
         assert received.startswith(b"HTTP/1.1 200")
         started = time.monotonic()
-        while time.monotonic() - started < 5 * TIMEOUT_S:
-            try:
-                sock.sendall(b"\r\n")  # each one used to cancel the keep-alive wait for good
-                chunk = sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-            if not chunk:
-                break
-            received += chunk
+        # each blank line used to cancel the keep-alive wait for good
+        received += keep_sending(sock, b"\r\n", 5 * TIMEOUT_S)
         assert time.monotonic() - started < 3 * TIMEOUT_S
         assert b"HTTP/1.1 408" in received
 

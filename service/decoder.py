@@ -29,7 +29,11 @@ from service.imaging import (
 from service.spec import InputSpec
 
 READY = b"ready"
-DECODER_NICENESS = 10
+# Below the event loop and the inference thread, so a flood of heavy images leaves the process
+# that answers health checks its share of the cores; not far below, or decoding starves while
+# torch runs and batches shrink (niceness 10: resnet18 at 32 clients 44.6 req/s, mean batch 3.4;
+# 5: 56.9 req/s, mean batch 14.9; docs/benchmarks.md).
+DECODER_NICENESS = 5
 MIB = 1024 * 1024
 WARM_UP_SPEC = InputSpec(channels=3, height=32, width=32, mean=[0.5] * 3, std=[0.5] * 3)
 
@@ -137,8 +141,6 @@ def serve(conn: Connection, config: DecoderConfig) -> None:
 def main(argv: list[str]) -> int:
     config = msgspec.json.decode(argv[0], type=DecoderConfig)
     conn = Connection(int(argv[1]))
-    # below the server's event loop and inference thread: a flood of heavy images must not
-    # keep the process that answers health checks and sheds load from the cores
     os.nice(DECODER_NICENESS)
     configure_decoding(config.max_pixels)  # Pillow's own bomb guard, at our limit
     warm_up_decoding(WARM_UP_SPEC, config.limits)  # codecs load lazily: before the ceiling

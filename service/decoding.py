@@ -55,6 +55,12 @@ ERRORS: dict[str, type[ServiceError]] = {
 }
 
 
+def _retrieve(future: asyncio.Future[PreparedImage]) -> None:
+    """Mark an outcome as seen, so asyncio does not log it as an exception never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
 class Owner:
     """One request's share of the pool: its images take turns with other requests'."""
 
@@ -165,6 +171,8 @@ class DecodePool:
             self._pending[owner] = deque(works)
             self._lock.notify_all()
         waiting = [asyncio.wrap_future(work.future) for work in works]
+        for future in waiting:  # outcomes that arrive after the request gave up are not errors
+            future.add_done_callback(_retrieve)
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_EXCEPTION)

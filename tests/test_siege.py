@@ -11,7 +11,9 @@ artifacts/siege.json.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import socket
 import subprocess
@@ -150,6 +152,16 @@ def hold_open(url: str, head: bytes, trickle: bytes, out: list[tuple[str, float]
         out.append(("closed" if closed else "open", elapsed))
 
 
+def ahead_of_the_attackers(server_pid: int, probe_pid: int) -> None:
+    """The attackers and the normal clients run in this process, on the server's two cores; in
+    a deployment they are other machines, and the health checker is the node's own. So the
+    server's event loop (its main thread) and the probe go ahead of this process's threads.
+    Needs root (as CI runs); otherwise everyone shares the cores equally."""
+    for pid in (server_pid, probe_pid):
+        with contextlib.suppress(PermissionError):
+            os.setpriority(os.PRIO_PROCESS, pid, -10)
+
+
 def start_probe(url: str) -> subprocess.Popen[str]:
     command = [sys.executable, "-m", "tests.liveness_probe", url, str(LIVENESS_EVERY_S)]
     return subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -204,6 +216,7 @@ def test_no_single_client_can_take_the_service_down(tmp_path: Path) -> None:
         idle_rss = tree_rss(pid)
 
         probe = start_probe(server.url)
+        ahead_of_the_attackers(pid, probe.pid)
         memory = Sampler(lambda: tree_rss(pid), LIVENESS_EVERY_S)
         stop = threading.Event()
         normal: list[tuple[int, int, int | None, float]] = []

@@ -52,6 +52,8 @@ class Stack:
 
     def query(self, expr: str) -> list[dict[str, object]]:
         response = httpx.get(f"{self.prometheus}/api/v1/query", params={"query": expr}, timeout=10)
+        # a plain-text 503 while Prometheus starts: an HTTPError, which wait_for() polls past
+        response.raise_for_status()
         body = response.json()
         assert body["status"] == "success", (expr, body)
         result: list[dict[str, object]] = body["data"]["result"]

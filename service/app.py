@@ -1,156 +1,45 @@
-"""create_app(settings) -> Litestar: routes, lifespan, and where errors become problem+json."""
+"""create_app(settings) -> Litestar: the whole service in one process (CONVSERVE_WORKERS=0, the
+tests, embedding). Its request path reaches the catalog directly, through service.local."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from http import HTTPStatus
-from typing import Any
 
-import msgspec
-from litestar import Litestar, Request, Response
-from litestar.di import Provide
-from litestar.exceptions import HTTPException, ValidationException
-from litestar.middleware import DefineMiddleware
-from litestar.openapi import OpenAPIConfig
-from litestar.openapi.spec import Components, SecurityScheme
+from litestar import Litestar
 
-from service import __version__
-from service.api import explorer, health, models, pages, predict
-from service.api.access import access_middleware
-from service.api.management import management
-from service.api.v2 import v2
+from service.api.framework import build_app
+from service.api.routes import model_routes, request_routes
 from service.config import Settings
-from service.errors import ServiceError
-from service.problems import PROBLEM_BASE, PROBLEM_TYPE, Problem
+from service.inference import Requests
+from service.local import LocalModels
 from service.runtime import Runtime
-
-log = logging.getLogger("convserve")
-
-
-def problem_response(
-    status: int,
-    title: str,
-    slug: str,
-    detail: str,
-    instance: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> Response[bytes]:
-    # Open Inference Protocol clients look for an "error" member; RFC 9457 allows extensions
-    error = detail if instance is not None and instance.startswith("/v2") else None
-    body = Problem(
-        type=PROBLEM_BASE + slug,
-        title=title,
-        status=status,
-        detail=detail,
-        instance=instance,
-        error=error,
-    )
-    return Response(
-        msgspec.json.encode(body), status_code=status, media_type=PROBLEM_TYPE, headers=headers
-    )
-
-
-def _service_error(request: Request[Any, Any, Any], exc: ServiceError) -> Response[bytes]:
-    headers = dict(exc.headers)
-    if exc.retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-    return problem_response(
-        exc.status_code, exc.title, exc.slug, exc.detail, request.url.path, headers
-    )
-
-
-def _validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
-    details = []
-    for item in exc.extra if isinstance(exc.extra, list) else []:
-        if isinstance(item, dict):
-            key = item.get("key", "")
-            details.append(f"{key}: {item.get('message', '')}" if key else str(item.get("message")))
-    detail = "; ".join(details) or str(exc.detail)
-    return problem_response(422, "Invalid parameter", "invalid-parameter", detail, request.url.path)
-
-
-def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
-    status = exc.status_code
-    title = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
-    slug = title.lower().replace(" ", "-")
-    detail = (
-        str(exc.detail) if exc.detail and exc.detail != title else f"{title}: {request.url.path}"
-    )
-    if status == 404:
-        detail = f"no route {request.method} {request.url.path}; see /schema for the API"
-    headers = {k: v for k, v in (exc.headers or {}).items() if k.lower() == "allow"}
-    return problem_response(status, title, slug, detail, request.url.path, headers or None)
-
-
-def _unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return problem_response(
-        500,
-        "Internal error",
-        "internal-error",
-        "an internal error occurred; it was logged",
-        request.url.path,
-    )
 
 
 def create_app(settings: Settings, *, start_when_loaded: bool = False) -> Litestar:
     """Build the app; models load in the background after start-up so liveness answers at once.
 
-    `start_when_loaded` finishes start-up only once the models are loaded: a replacement worker
-    on a shared socket then takes no connection it could only answer with 503.
+    `start_when_loaded` finishes start-up only once the models are loaded.
     """
     runtime = Runtime(settings)
+    requests = Requests(settings, LocalModels(runtime.catalog))
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await runtime.start()
+        await requests.start()
         if start_when_loaded:
             await runtime.loaded()
         try:
             yield
         finally:
+            requests.stop()
             await runtime.stop()
 
-    app = Litestar(
-        route_handlers=[
-            predict.predict,
-            predict.predict_named,
-            models.list_models,
-            models.card,
-            models.card_version,
-            health.live,
-            health.ready,
-            health.scrape,
-            management,
-            v2,
-            explorer.maps,
-            pages.index,
-            pages.dashboard,
-            pages.assets,
-        ],
-        dependencies={"runtime": Provide(lambda: runtime, sync_to_thread=False)},
-        lifespan=[lifespan],
-        exception_handlers={
-            ServiceError: _service_error,
-            ValidationException: _validation_error,
-            HTTPException: _http_error,
-            Exception: _unexpected_error,
-        },
-        middleware=[DefineMiddleware(access_middleware, draining=lambda: runtime.draining)],
-        request_max_body_size=settings.max_body_bytes,
-        openapi_config=OpenAPIConfig(
-            title="convserve",
-            version=__version__,
-            description="Image classification for CNNs with batching, heatmaps and metrics.",
-            path="/schema",
-            components=Components(
-                security_schemes={"apiKey": SecurityScheme(type="http", scheme="bearer")}
-            ),
-        ),
-        logging_config=None,  # service.logs.configure_logging owns logging
-        debug=False,
+    return build_app(
+        settings,
+        request_routes() + model_routes(),
+        {"runtime": runtime, "requests": requests},
+        lifespan,
+        draining=lambda: requests.draining,
     )
-    app.state.runtime = runtime
-    return app

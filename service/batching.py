@@ -29,34 +29,11 @@ from service.errors import (
     ServiceError,
     ShuttingDownError,
 )
-from service.heatmaps import ReadPoint
+from service.inference import Answer, Explain, Explained, gather_first_error
 
 log = logging.getLogger("convserve.batching")
 
-Task = tuple[str, str] | None  # None: plain prediction; (method, layer): a heatmap
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What one image gets back from its batch."""
-
-    probabilities: np.ndarray  # (classes,) float32, sums to 1
-    batch_size: int
-    grid: np.ndarray | None = None  # (h, w) 0..1, heatmap jobs only
-    target: int | None = None
-    point: ReadPoint | None = None
-
-
 T = TypeVar("T")
-
-
-async def gather_first_error(futures: Sequence[asyncio.Future[T]]) -> list[T]:
-    """Wait for all; raise the first failure (every outcome is retrieved, none left dangling)."""
-    results = await asyncio.gather(*futures, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return results  # type: ignore[return-value]
 
 
 @dataclass(eq=False)
@@ -74,9 +51,9 @@ class Admission:
 @dataclass(eq=False)
 class Job:
     array: np.ndarray  # (C, H, W) float32, normalized
-    future: asyncio.Future[Outcome]
+    future: asyncio.Future[Answer]
     deadline: float  # time.monotonic()
-    task: Task = None
+    explain: Explain | None = None  # None: a plain prediction
     target: int | None = None
     arrived: float = field(default_factory=time.monotonic)
     taken: bool = False  # in a batch on its way through the model: it will be answered
@@ -159,14 +136,14 @@ class Batcher:
         admission: Admission,
         arrays: Sequence[np.ndarray],
         deadline: float,
-        task: Task = None,
+        explain: Explain | None = None,
         target: int | None = None,
     ) -> list[Job]:
         """Queue one admitted request's images together."""
         admission.take(len(arrays))
         self._incoming -= len(arrays)
         loop = asyncio.get_running_loop()
-        jobs = [Job(array, loop.create_future(), deadline, task, target) for array in arrays]
+        jobs = [Job(array, loop.create_future(), deadline, explain, target) for array in arrays]
         self._queue.extend(jobs)
         self._depth.set(len(self._queue))
         self._wake.set()
@@ -196,7 +173,7 @@ class Batcher:
         finally:
             self._alone -= 1
 
-    async def results(self, jobs: list[Job], deadline: float) -> list[Outcome]:
+    async def results(self, jobs: list[Job], deadline: float) -> list[Answer]:
         """Every job's outcome, in order. Past the deadline, jobs still queued are dropped unrun
         (504); a request whose images are all in a running batch still gets its answer."""
         waiting = asyncio.ensure_future(gather_first_error([job.future for job in jobs]))
@@ -225,7 +202,7 @@ class Batcher:
         now = time.monotonic()
         batch: list[Job] = []
         kept: deque[Job] = deque()
-        task: Task | bool = False
+        kind: Explain | bool | None = False
         while self._queue:
             job = self._queue.popleft()
             if job.future.done():
@@ -236,9 +213,9 @@ class Batcher:
                     DeadlineExceededError("the request waited in the queue past its deadline")
                 )
                 continue
-            if task is False:
-                task = job.task
-            if job.task == task and len(batch) < self.max_batch_size:
+            if kind is False:
+                kind = job.explain
+            if job.explain == kind and len(batch) < self.max_batch_size:
                 job.taken = True
                 batch.append(job)
             else:
@@ -278,30 +255,27 @@ class Batcher:
                 else:
                     job.future.set_result(outcome)
 
-    def _execute(self, batch: list[Job]) -> Sequence[Outcome | ServiceError]:
+    def _execute(self, batch: list[Job]) -> Sequence[Answer | ServiceError]:
         """Runs in the inference thread: one forward pass for the whole batch."""
         started = time.monotonic()
         size = len(batch)
         for job in batch:
             self._wait.observe(started - job.arrived)
-        task = batch[0].task
+        explain = batch[0].explain
         arrays = [job.array for job in batch]
         try:
-            if task is None:
+            if explain is None:
                 probabilities = self.classifier.predict(arrays)
-                outcomes = [Outcome(probabilities[i], size) for i in range(size)]
+                outcomes = [Answer(probabilities[i], size) for i in range(size)]
             else:
-                method, layer = task
-                explained = self.classifier.explain(
-                    arrays, method, layer, [j.target for j in batch]
+                result = self.classifier.explain(
+                    arrays, explain.method, explain.layer, [j.target for j in batch]
                 )
                 outcomes = [
-                    Outcome(
-                        explained.probabilities[i],
+                    Answer(
+                        result.probabilities[i],
                         size,
-                        explained.grids[i],
-                        explained.targets[i],
-                        explained.point,
+                        Explained(result.grids[i], result.targets[i], result.point.layer),
                     )
                     for i in range(size)
                 ]
@@ -312,7 +286,7 @@ class Batcher:
             log.exception("inference failed for %s v%s", *self._labels)
             return [InferenceError(f"inference failed: {type(exc).__name__}: {exc}")]
         elapsed = time.monotonic() - started
-        kind = "predict" if task is None else task[0]
+        kind = "predict" if explain is None else explain.method
         metrics.INFERENCE.labels(*self._labels, kind).observe(elapsed)
         self._batch_size.observe(size)
         self._images.inc(size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
@@ -21,6 +22,7 @@ from service import metrics
 from service.batching import Batcher
 from service.classifier import Classifier
 from service.config import Settings
+from service.convolution import conv_layers
 from service.engines import select_engine
 from service.errors import (
     ConflictError,
@@ -31,12 +33,27 @@ from service.errors import (
     ServiceError,
     VersionNotFoundError,
 )
+from service.inference import Route
 from service.memory import return_freed_memory
 from service.spec import now_iso
 from service.store import VERSION_PATTERN, ModelStore, check_name
 
 log = logging.getLogger("convserve.catalog")
 ALIAS_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+
+
+def route_of(classifier: Classifier) -> Route:
+    spec = classifier.spec
+    return Route(
+        name=classifier.name,
+        version=classifier.version,
+        input=spec.input,
+        labels=list(spec.labels),
+        heatmap_layer=spec.heatmap_layer,
+        layers=list(classifier.layers),
+        conv_layers=list(conv_layers(classifier)),
+        grid_cells=max((p.shape[1] * p.shape[2] for p in classifier.layers.values()), default=0),
+    )
 
 
 @dataclass(eq=False)
@@ -51,6 +68,10 @@ class Deployment:
     @property
     def version(self) -> int:
         return self.classifier.version
+
+    @functools.cached_property
+    def route(self) -> Route:
+        return route_of(self.classifier)
 
 
 @dataclass(eq=False)

@@ -25,6 +25,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def available_cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def _workers(text: str) -> int:
+    """`auto` (one worker per core), or a count; 0 is the whole service in one process."""
+    if text.strip().lower() == "auto":
+        return available_cores()
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be auto or an integer >= 0")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -113,7 +128,7 @@ class Settings:
     device: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
-    workers: int = 1
+    workers: int = dataclasses.field(default_factory=available_cores)
     max_batch_size: int = 32
     max_delay_ms: float = 5.0
     max_queue: int = 512
@@ -180,7 +195,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "device": _choice("auto", "cpu", "cuda"),
     "host": str,
     "port": _port,
-    "workers": _positive_int,
+    "workers": _workers,
     "max_batch_size": _positive_int,
     "max_delay_ms": _non_negative_float,
     "max_queue": _positive_int,
@@ -215,7 +230,10 @@ HELP: dict[str, str] = {
     "device": "auto | cpu | cuda (auto: cuda when available)",
     "host": "address to bind",
     "port": "port to bind",
-    "workers": "server processes sharing the port, started and drained by a supervisor",
+    "workers": (
+        "front worker processes for HTTP and decoding, beside one model process (auto: one "
+        "per core; 0: the whole service in one process)"
+    ),
     "max_batch_size": "largest batch one forward pass takes",
     "max_delay_ms": "longest a batch waits for more requests already on their way",
     "max_queue": "queued images per model version before 503",

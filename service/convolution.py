@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 import torch
 from torch import nn
 
+from service.api.schemas import ModelRef
 from service.classifier import Classifier
 from service.errors import LayerNotFoundError
 from service.heatmaps import ActivationRecorder, ReadPoint
+from service.layermaps import LayerMaps, LayerStep, tensor
 
 
 @dataclass(frozen=True)
@@ -107,3 +110,32 @@ def open_convolution(classifier: Classifier, array: np.ndarray, layer: str) -> C
         pre=_numpy(conv.recorded()[0]),
         post=_numpy(read.recorded()[0]),
     )
+
+
+def layer_maps(name: str, version: int, conv: Convolution) -> LayerMaps:
+    module = conv.module
+    return LayerMaps(
+        model=ModelRef(name, version),
+        layer=conv.layer,
+        type=type(module).__name__,
+        in_channels=module.in_channels,
+        out_channels=module.out_channels,
+        kernel=list(module.kernel_size),
+        stride=list(module.stride),
+        padding=list(conv.padding),
+        dilation=list(module.dilation),
+        groups=module.groups,
+        padding_mode=module.padding_mode,
+        after=[LayerStep(n, t) for n, t in conv.after],
+        input=tensor(conv.received),
+        weight=tensor(conv.weight),
+        bias=None if conv.bias is None else tensor(conv.bias),
+        pre=tensor(conv.pre),
+        post=tensor(conv.post),
+    )
+
+
+def layer_maps_json(classifier: Classifier, array: np.ndarray, layer: str) -> bytes:
+    """Runs on the inference thread: the pass, and the answer encoded while it is at hand."""
+    conv = open_convolution(classifier, array, layer)
+    return msgspec.json.encode(layer_maps(classifier.name, classifier.version, conv))

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from service.catalog import resolve_device
-from service.heatmaps import overlay_png
 from service.imaging import DecodeLimits, configure_decoding, prepare_image
+from service.overlay import overlay_png
 from service.store import ModelStore
 
 MAX_PIXELS = 40_000_000

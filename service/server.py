@@ -13,12 +13,10 @@ from typing import Any
 
 import uvicorn
 
-from service.app import create_app
 from service.config import Settings
+from service.inference import Requests
 from service.logs import configure_logging
 from service.protocols import HttpLimits, LimitedConfig
-from service.runtime import Runtime
-from service.supervisor import Supervisor
 
 log = logging.getLogger("convserve")
 SPARE_FILES = 256  # descriptors a worker needs besides connections: weights, logs, decoders
@@ -33,10 +31,10 @@ class DrainingServer(uvicorn.Server):
     """
 
     def __init__(
-        self, config: uvicorn.Config, runtime: Runtime, *, supervised: bool = False
+        self, config: uvicorn.Config, requests: Requests, *, supervised: bool = False
     ) -> None:
         super().__init__(config)
-        self.runtime = runtime
+        self.requests = requests
         self.supervised = supervised
         self.drain_deadline: float | None = None
         self.drain_earliest = 0.0
@@ -46,10 +44,10 @@ class DrainingServer(uvicorn.Server):
             return  # Ctrl-C reaches the whole process group: the supervisor decides
         if self.drain_deadline is None and self.started:
             now = time.monotonic()
-            settings = self.runtime.settings
+            settings = self.requests.settings
             self.drain_deadline = now + max(settings.drain_s, settings.drain_delay_s)
             self.drain_earliest = now + settings.drain_delay_s
-            self.runtime.begin_drain()
+            self.requests.begin_drain()
             return
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True
@@ -58,7 +56,7 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if self.drain_deadline is not None and not self.should_exit:
             now = time.monotonic()
-            done = self.runtime.inflight == 0 and now >= self.drain_earliest
+            done = self.requests.inflight == 0 and now >= self.drain_earliest
             if done or now >= self.drain_deadline:
                 log.info("drained (%s); stopping", "all answered" if done else "deadline passed")
                 self.should_exit = True
@@ -108,21 +106,23 @@ def _config(settings: Settings, app: Any, **extra: Any) -> uvicorn.Config:
 
 
 def serve(settings: Settings) -> int:
+    """`convserve serve`: a supervisor with its workers and model process, or (workers 0) the
+    whole service in this one process."""
     configure_logging(settings.log_format, settings.log_level)
-    if settings.workers > 1:
+    if settings.workers > 0:
+        from service.supervisor import Supervisor  # the single process needs none
+
         return Supervisor(settings).run()
+    from service.app import create_app  # front workers must not import torch
+
     app = create_app(settings)
-    server = DrainingServer(_config(settings, app), app.state.runtime)
+    server = DrainingServer(_config(settings, app), app.state.requests)
     server.run()
     return 0
 
 
-def serve_worker(settings: Settings, listener: socket.socket) -> int:
-    """One supervised worker: the same server as a single process, on the shared socket. It
-    accepts only once its models are loaded: whichever worker the kernel hands a connection
-    can answer it (a replacement never takes traffic the others could serve)."""
-    configure_logging(settings.log_format, settings.log_level)
-    app = create_app(settings, start_when_loaded=True)
-    server = DrainingServer(_config(settings, app), app.state.runtime, supervised=True)
+def serve_front(settings: Settings, app: Any, requests: Requests, listener: socket.socket) -> int:
+    """One front worker on the supervisor's socket; it drains on SIGTERM like a single process."""
+    server = DrainingServer(_config(settings, app), requests, supervised=True)
     server.run(sockets=[listener])
     return 0

@@ -112,6 +112,21 @@ def running_server(tmp_path: Path, env: dict[str, str] | None = None) -> Iterato
                 process.wait()
 
 
+def child_pids(server: ServerProcess, module: str) -> set[int]:
+    """The supervisor's children running `python -m <module>` (service.front: the workers,
+    service.modelhost: the model process), not their decoders."""
+    pids: set[int] = set()
+    for children in Path(f"/proc/{server.process.pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            pids.update(int(pid) for pid in children.read_text().split())
+    found = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if module.encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                found.add(pid)
+    return found
+
+
 def metric_value(text: str, name: str, **labels: str) -> float:
     """Sum of the samples called `name` whose labels include `labels` (0 when absent)."""
     from prometheus_client.parser import text_string_to_metric_families

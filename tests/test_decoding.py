@@ -6,6 +6,7 @@ half a second of decoding, so a few of them keep every decoder busy.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -68,11 +69,18 @@ def assert_serves(server: ServerProcess, within_s: float) -> None:
 
 
 def decoder_pids(server: ServerProcess) -> set[int]:
-    """The server's live child processes (started from any of its threads)."""
-    pids: set[int] = set()
-    for children in Path(f"/proc/{server.process.pid}/task").glob("*/children"):
-        pids.update(int(pid) for pid in children.read_text().split())
-    return {p for p in pids if "State:\tZ" not in _status(p)}
+    """The server's live decoder processes, wherever in its process tree they run."""
+    found: set[int] = set()
+    parents = [server.process.pid]
+    while parents:
+        pid = parents.pop()
+        for children in Path(f"/proc/{pid}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                parents.extend(int(child) for child in children.read_text().split())
+        with contextlib.suppress(OSError):
+            if b"service.decoder" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.add(pid)
+    return {p for p in found if "State:\tZ" not in _status(p)}
 
 
 def _status(pid: int) -> str:
@@ -84,7 +92,9 @@ def _status(pid: int) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = {"CONVSERVE_DEADLINE_MS": "2000", "CONVSERVE_DECODE_THREADS": "2"}
+    # one front worker: its two decoders are the ones the requests take turns on
+    env = {"CONVSERVE_DEADLINE_MS": "2000", "CONVSERVE_DECODE_THREADS": "2",
+           "CONVSERVE_WORKERS": "1"}  # fmt: skip
     with running_server(tmp_path_factory.mktemp("decoding"), env) as process:
         yield process
 
@@ -150,7 +160,7 @@ def test_a_request_of_many_slow_images_does_not_starve_a_small_one(
     assert big["r"].status_code == 504  # its own deadline still holds
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("workers", ["0", "2"])
 def test_an_image_past_the_memory_ceiling_fails_alone(tmp_path: Path, workers: str) -> None:
     env = {"CONVSERVE_DECODE_MEMORY_MB": "64", "CONVSERVE_DECODE_THREADS": "1",
            "CONVSERVE_WORKERS": workers}  # fmt: skip
@@ -170,7 +180,8 @@ def test_an_image_past_the_memory_ceiling_fails_alone(tmp_path: Path, workers: s
 
 
 def test_a_decoder_killed_from_outside_is_replaced(tmp_path: Path) -> None:
-    with running_server(tmp_path, {"CONVSERVE_DECODE_THREADS": "1"}) as one:
+    env = {"CONVSERVE_DECODE_THREADS": "1", "CONVSERVE_WORKERS": "1"}
+    with running_server(tmp_path, env) as one:
         (decoder,) = decoder_pids(one)
         os.kill(decoder, 9)
         assert_serves(one, within_s=10.0)

@@ -21,6 +21,7 @@ from service.importing import import_torchvision
 from service.store import ModelStore
 from tests.support import (
     ServerProcess,
+    child_pids,
     digit_picture,
     held_out_digits,
     metric_value,
@@ -232,7 +233,7 @@ def test_thousands_of_concurrent_requests_each_get_their_own_answer(tmp_path: Pa
     assert images / batches > 1.5  # the concurrent phase was served in real batches
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("workers", ["0", "2"])
 def test_sigterm_mid_load_loses_nothing(tmp_path: Path, workers: str) -> None:
     bodies = [png_bytes(d.image) for d in held_out_digits(20)]
     labels = [d.label for d in held_out_digits(20)]
@@ -313,12 +314,7 @@ def test_sigterm_mid_load_loses_nothing(tmp_path: Path, workers: str) -> None:
 
 
 def worker_pids(server: ServerProcess) -> set[int]:
-    """The supervisor's worker processes (not their decoders)."""
-    pids: set[int] = set()
-    for children in Path(f"/proc/{server.process.pid}/task").glob("*/children"):
-        pids.update(int(pid) for pid in children.read_text().split())
-    return {p for p in pids if Path(f"/proc/{p}/cmdline").exists()
-            and b"service.worker" in Path(f"/proc/{p}/cmdline").read_bytes()}  # fmt: skip
+    return child_pids(server, "service.front")
 
 
 def test_a_worker_killed_under_load_is_replaced_and_the_others_keep_answering(

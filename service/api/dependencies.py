@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from litestar.di import NamedDependency
 
-from service.runtime import Runtime
+from service.inference import Requests
 
-RuntimeDep = NamedDependency[Runtime]
-"""The app's runtime, provided by create_app()."""
+RequestsDep = NamedDependency[Requests]
+"""The request path of this process (decoding, drain state, the models), from the app."""

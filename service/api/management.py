@@ -15,9 +15,9 @@ from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 from litestar.params import FromPath, JSONBody
 
-from service.api.dependencies import RuntimeDep
 from service.api.models import model_status
 from service.api.openapi import problems
+from service.api.runtime_dep import RuntimeDep
 from service.api.schemas import ModelStatus
 from service.errors import (
     ConflictError,
@@ -47,11 +47,6 @@ def require_api_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRoute
     expected = runtime.settings.api_key
     if expected is None:
         raise ForbiddenError("the management API is off; start the server with CONVSERVE_API_KEY")
-    if runtime.settings.workers > 1:  # each worker process has its own catalog
-        raise ForbiddenError(
-            "the management API needs CONVSERVE_WORKERS=1: each of the workers would change "
-            "only its own models; with several workers use CONVSERVE_WATCH=1 for new versions"
-        )
     key = presented_key(connection)
     if key is None or not hmac.compare_digest(key.encode(), expected.encode()):
         raise UnauthorizedError(

@@ -8,8 +8,8 @@ import msgspec
 from litestar import get
 from litestar.params import FromPath
 
-from service.api.dependencies import RuntimeDep
 from service.api.openapi import problems
+from service.api.runtime_dep import RuntimeDep
 from service.api.schemas import (
     AnatomyInfo,
     HeatmapLayer,

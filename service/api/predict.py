@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Annotated, Any, Literal
 
@@ -14,19 +15,15 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, QueryParameter
 
 from service.api.access import annotate
-from service.api.classify import classify, route_body
-from service.api.dependencies import RuntimeDep
+from service.api.dependencies import RequestsDep
 from service.api.hangup import unless_hung_up
 from service.api.openapi import ImageUploadOperation, problems
 from service.api.schemas import Heatmap, ModelRef, Prediction, PredictResponse, Result
 from service.api.uploads import Upload, read_uploads
-from service.batching import Outcome, Task, gather_first_error
-from service.catalog import Deployment
-from service.classifier import Classifier
 from service.errors import InvalidParameterError, NotAcceptableError
-from service.heatmaps import overlay_png
 from service.imaging import PreparedImage
-from service.runtime import Runtime
+from service.inference import Answer, Classified, Explain, Requests, Route, gather_first_error
+from service.overlay import overlay_png
 
 Method = Literal["gradcam", "activation"]
 PNG = "image/png"
@@ -58,69 +55,71 @@ def top_predictions(probabilities: np.ndarray, labels: list[str], top_k: int) ->
     return [Prediction(labels[i], int(i), float(probabilities[i])) for i in order]
 
 
-def _heatmap(method: str, outcome: Outcome, prepared: PreparedImage | None) -> Heatmap:
-    """Grid and overlay PNG for one image (runs in the decode thread pool)."""
-    assert outcome.grid is not None
-    assert outcome.point is not None
-    assert outcome.target is not None
+def _heatmap(method: str, answer: Answer, prepared: PreparedImage | None) -> Heatmap:
+    """Grid and overlay PNG for one image (runs in the painters' thread pool)."""
+    explained = answer.explained
+    assert explained is not None
     assert prepared is not None
     assert prepared.display is not None
-    png = overlay_png(prepared.display, prepared.box, outcome.grid)
-    height, width = outcome.grid.shape
+    png = overlay_png(prepared.display, prepared.box, explained.grid)
+    height, width = explained.grid.shape
     return Heatmap(
         method=method,
-        layer=outcome.point.layer,
-        class_index=outcome.target,
+        layer=explained.layer,
+        class_index=explained.target,
         width=width,
         height=height,
-        grid=outcome.grid.tolist(),
+        grid=explained.grid.tolist(),
         png=base64.b64encode(png).decode("ascii"),
     )
 
 
-def _check(
-    classifier: Classifier, method: str | None, layer: str | None, target: int | None
-) -> None:
+def _checker(method: str | None, layer: str | None, target: int | None) -> Callable[[Route], None]:
     """404 for an unknown layer, 422 for a class index the model does not have."""
-    if method is not None:
-        classifier.read_point(layer)
-    if target is not None and target >= len(classifier.labels):
-        raise InvalidParameterError(
-            f"target {target} is out of range: model {classifier.name} has "
-            f"{len(classifier.labels)} classes (0..{len(classifier.labels) - 1})"
-        )
+
+    def check(route: Route) -> None:
+        if method is not None:
+            route.heatmap_point(layer)
+        route.check_target(target)
+
+    return check
 
 
 async def _answer(
-    runtime: Runtime,
-    deployment: Deployment,
+    requests: Requests,
+    first: Route,
+    version: str | None,
     uploads: list[Upload],
     deadline: float,
     method: str | None,
-    task: Task,
+    layer: str | None,
     target: int | None,
-) -> tuple[list[Outcome], list[Heatmap | None]]:
+) -> tuple[Classified, list[Heatmap | None]]:
     """Classify the images and draw their heatmaps: the work a hang-up cancels."""
-    outcomes, prepared = await classify(
-        runtime, deployment, uploads, deadline, task=task, target=target,
-        keep_display=method is not None,
+
+    def explain(route: Route) -> Explain | None:
+        return None if method is None else Explain(method, route.heatmap_point(layer))
+
+    classified = await requests.classify(
+        first, version, uploads, deadline, explain=explain, target=target,
+        keep_display=method is not None, check=_checker(method, layer, target),
     )  # fmt: skip
     if method is None:
-        return outcomes, [None] * len(outcomes)
+        return classified, [None] * len(classified.answers)
     loop = asyncio.get_running_loop()
     maps = [
-        loop.run_in_executor(runtime.painters, _heatmap, method, outcome, image)
-        for outcome, image in zip(outcomes, prepared, strict=True)
+        loop.run_in_executor(requests.painters, _heatmap, method, answer, image)
+        for answer, image in zip(classified.answers, classified.prepared, strict=True)
     ]
     try:
-        return outcomes, [*await gather_first_error(maps)]
+        return classified, [*await gather_first_error(maps)]
     finally:
-        runtime.trimmer.soon()  # gradients, displays and overlays: much memory, now free
+        requests.trimmer.soon()  # gradients, displays and overlays: much memory, now free
 
 
 async def run_prediction(
     request: Request[Any, Any, Any],
-    runtime: RuntimeDep,
+    requests: RequestsDep,
     name: str | None,
     version: str | None,
     top_k: int,
@@ -128,13 +127,13 @@ async def run_prediction(
     layer: str | None,
     target: int | None,
 ) -> Response[object]:
-    with runtime.admitted():
-        return await _predict(request, runtime, name, version, top_k, heatmap, layer, target)
+    with requests.admitted():
+        return await _predict(request, requests, name, version, top_k, heatmap, layer, target)
 
 
 async def _predict(
     request: Request[Any, Any, Any],
-    runtime: RuntimeDep,
+    requests: RequestsDep,
     name: str | None,
     version: str | None,
     top_k: int,
@@ -142,38 +141,41 @@ async def _predict(
     layer: str | None,
     target: int | None,
 ) -> Response[object]:
-    deadline = time.monotonic() + runtime.settings.deadline_s
+    deadline = time.monotonic() + requests.settings.deadline_s
     wants_png = request.accept.best_match([JSON, PNG], default=JSON) == PNG
     method = heatmap or ("gradcam" if wants_png else None)
     if method is None and (layer is not None or target is not None):
         raise InvalidParameterError(
             "`layer` and `target` apply only with heatmap=gradcam|activation"
         )
-    deployment, uploads = await route_body(
-        runtime, name, version,
-        partial(read_uploads, request, runtime.settings, deadline),
-        lambda d: _check(d.classifier, method, layer, target),
+    first, uploads = await requests.route_body(
+        name, version,
+        partial(read_uploads, request, requests.settings, deadline),
+        _checker(method, layer, target),
     )  # fmt: skip
     if wants_png and len(uploads) != 1:
         raise NotAcceptableError(
             f"Accept: image/png returns one heatmap picture, but {len(uploads)} images were sent"
         )
-    classifier = deployment.classifier
-    annotate(request, model=classifier.name, version=classifier.version)
-    task = None if method is None else (method, layer or classifier.spec.heatmap_layer)
-    outcomes, heatmaps = await unless_hung_up(
-        request, _answer(runtime, deployment, uploads, deadline, method, task, target)
+    annotate(request, model=first.name, version=first.version)
+    classified, heatmaps = await unless_hung_up(
+        request, _answer(requests, first, version, uploads, deadline, method, layer, target)
     )
-    annotate(request, batch_size=max(o.batch_size for o in outcomes))
+    route = classified.route
+    annotate(
+        request,
+        model=route.name,
+        version=route.version,
+        batch_size=max(a.batch_size for a in classified.answers),
+    )
     if wants_png:  # a heatmap was drawn: method defaults to gradcam for image/png
         assert heatmaps[0] is not None
         return Response(base64.b64decode(heatmaps[0].png), media_type=PNG)
     results = [
-        Result(top_predictions(o.probabilities, classifier.labels, top_k), h)
-        for o, h in zip(outcomes, heatmaps, strict=True)
+        Result(top_predictions(a.probabilities, route.labels, top_k), h)
+        for a, h in zip(classified.answers, heatmaps, strict=True)
     ]
-    body = PredictResponse(ModelRef(classifier.name, classifier.version), results)
-    return Response(body)
+    return Response(PredictResponse(ModelRef(route.name, route.version), results))
 
 
 PREDICT_RESPONSES = {
@@ -191,7 +193,7 @@ PREDICT_DOCS: dict[str, Any] = {
 @post("/predict", summary="Classify images with the default (or `model`) model", **PREDICT_DOCS)
 async def predict(
     request: Request[Any, Any, Any],
-    runtime: RuntimeDep,
+    requests: RequestsDep,
     model: ModelQuery = None,
     version: VersionQuery = None,
     top_k: TopK = 5,
@@ -199,13 +201,13 @@ async def predict(
     layer: LayerQuery = None,
     target: TargetQuery = None,
 ) -> Response[object]:
-    return await run_prediction(request, runtime, model, version, top_k, heatmap, layer, target)
+    return await run_prediction(request, requests, model, version, top_k, heatmap, layer, target)
 
 
 @post("/models/{name:str}/predict", summary="Classify images with the named model", **PREDICT_DOCS)
 async def predict_named(
     request: Request[Any, Any, Any],
-    runtime: RuntimeDep,
+    requests: RequestsDep,
     name: FromPath[str],
     version: VersionQuery = None,
     top_k: TopK = 5,
@@ -213,4 +215,4 @@ async def predict_named(
     layer: LayerQuery = None,
     target: TargetQuery = None,
 ) -> Response[object]:
-    return await run_prediction(request, runtime, name, version, top_k, heatmap, layer, target)
+    return await run_prediction(request, requests, name, version, top_k, heatmap, layer, target)

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import multipart
@@ -21,6 +20,7 @@ from service.errors import (
     RequestTimeoutError,
     UnsupportedMediaTypeError,
 )
+from service.inference import Image
 
 RAW_TYPES = ("application/octet-stream",)
 CLOSE = {"Connection": "close"}
@@ -32,10 +32,7 @@ ACCEPTED = (
 )
 
 
-@dataclass(frozen=True)
-class Upload:
-    label: str  # how errors name this image: "body" or "file 2 (cat.jpg)"
-    data: bytes
+Upload = Image  # an image as it arrived: bytes to decode, named for its errors
 
 
 def _too_large(settings: Settings) -> PayloadTooLargeError:

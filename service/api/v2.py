@@ -21,15 +21,13 @@ from litestar.params import FromPath
 
 from service import __version__
 from service.api.access import annotate
-from service.api.classify import classify, route_body
-from service.api.dependencies import RuntimeDep
+from service.api.dependencies import RequestsDep
 from service.api.hangup import unless_hung_up
 from service.api.openapi import InferOperation, problems
 from service.api.tensors import BINARY_HEADER, OUTPUT, Limits, parse_request
 from service.api.uploads import read_body
-from service.catalog import Deployment
 from service.errors import ModelNotReadyError
-from service.runtime import Runtime
+from service.inference import Requests
 
 OFF_LOOP_BYTES = 1 << 20  # bodies above this are parsed in a worker thread
 
@@ -88,47 +86,12 @@ async def server_live() -> dict[str, bool]:
     summary="Open Inference Protocol: readiness (503 until ready)",
     responses=problems(503),
 )
-async def server_ready(runtime: RuntimeDep) -> dict[str, bool]:
-    if not runtime.ready:
+async def server_ready(requests: RequestsDep) -> dict[str, bool]:
+    if not requests.ready:
         raise ModelNotReadyError(
             "not ready: models are loading or the server is draining", retry_after=1
         )
     return {"ready": True}
-
-
-def _metadata(deployment: Deployment, versions: list[str]) -> ModelMetadata:
-    classifier = deployment.classifier
-    channels, height, width = classifier.input_shape
-    return ModelMetadata(
-        name=classifier.name,
-        versions=versions,
-        platform=f"pytorch_{classifier.spec.architecture}",
-        inputs=[
-            TensorSpec("image", "BYTES", [-1]),
-            TensorSpec("input", "FP32", [-1, channels, height, width]),
-        ],
-        outputs=[TensorSpec("probabilities", "FP32", [-1, len(classifier.labels)])],
-    )
-
-
-@get(["/v2/models/{name:str}", "/v2/models/{name:str}/versions/{version:str}"],
-     summary="Open Inference Protocol: model metadata", responses=problems(404, 503))  # fmt: skip
-async def model_metadata(
-    runtime: RuntimeDep, name: FromPath[str], version: FromPath[str | None] = None
-) -> ModelMetadata:
-    deployment = runtime.catalog.resolve(name, version)
-    entry = runtime.catalog.entry(name)
-    return _metadata(deployment, [str(v) for v in sorted(entry.deployments)])
-
-
-@get(["/v2/models/{name:str}/ready", "/v2/models/{name:str}/versions/{version:str}/ready"],
-     summary="Open Inference Protocol: model readiness (503 when not ready)",
-     responses=problems(404, 503))  # fmt: skip
-async def model_ready(
-    runtime: RuntimeDep, name: FromPath[str], version: FromPath[str | None] = None
-) -> Readiness:
-    runtime.catalog.resolve(name, version)  # 404 unknown, 503 not ready
-    return Readiness(name, True)
 
 
 def _outputs(top_k: int | None, probabilities: np.ndarray, labels: list[str]) -> OutputTensor:
@@ -144,27 +107,32 @@ def _outputs(top_k: int | None, probabilities: np.ndarray, labels: list[str]) ->
 
 
 async def _infer(
-    request: Request[Any, Any, Any], runtime: Runtime, name: str, version: str | None
+    request: Request[Any, Any, Any], requests: Requests, name: str, version: str | None
 ) -> InferResponse:
-    deadline = time.monotonic() + runtime.settings.deadline_s
-    read = partial(read_body, request, runtime.settings, deadline)
-    deployment, body = await route_body(runtime, name, version, read)
-    classifier = deployment.classifier
-    annotate(request, model=classifier.name, version=classifier.version)
-    limits = Limits(runtime.settings.max_images, classifier.input_shape, len(classifier.labels))
+    deadline = time.monotonic() + requests.settings.deadline_s
+    read = partial(read_body, request, requests.settings, deadline)
+    first, body = await requests.route_body(name, version, read)
+    annotate(request, model=first.name, version=first.version)
+    limits = Limits(requests.settings.max_images, first.input_shape, len(first.labels))
     header_length = request.headers.get(BINARY_HEADER)
     if len(body) > OFF_LOOP_BYTES:  # decoding a large body would hold up every other request
         parsed = await asyncio.to_thread(parse_request, body, header_length, limits)
     else:
         parsed = parse_request(body, header_length, limits)
-    work = classify(runtime, deployment, parsed.items, deadline)
-    outcomes, _ = await unless_hung_up(request, work)
-    annotate(request, batch_size=max(o.batch_size for o in outcomes))
-    probabilities = np.stack([o.probabilities for o in outcomes])
+    work = requests.classify(first, version, parsed.items, deadline)
+    classified = await unless_hung_up(request, work)
+    route = classified.route
+    annotate(
+        request,
+        model=route.name,
+        version=route.version,
+        batch_size=max(a.batch_size for a in classified.answers),
+    )
+    probabilities = np.stack([a.probabilities for a in classified.answers])
     return InferResponse(
-        model_name=classifier.name,
-        model_version=str(classifier.version),
-        outputs=[_outputs(parsed.top_k, probabilities, classifier.labels)],
+        model_name=route.name,
+        model_version=str(route.version),
+        outputs=[_outputs(parsed.top_k, probabilities, route.labels)],
         id=parsed.id,
     )
 
@@ -175,16 +143,16 @@ async def _infer(
       responses=problems(400, 404, 408, 413, 415, 500, 503, 504))  # fmt: skip
 async def infer(
     request: Request[Any, Any, Any],
-    runtime: RuntimeDep,
+    requests: RequestsDep,
     name: FromPath[str],
     version: FromPath[str | None] = None,
 ) -> Response[InferResponse]:
-    with runtime.admitted():
-        return Response(await _infer(request, runtime, name, version))
+    with requests.admitted():
+        return Response(await _infer(request, requests, name, version))
 
 
 v2 = Router(
     path="/",
-    route_handlers=[server_metadata, server_live, server_ready, model_metadata, model_ready, infer],
+    route_handlers=[server_metadata, server_live, server_ready, infer],
     tags=["open inference protocol"],
 )

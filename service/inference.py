@@ -1,0 +1,311 @@
+"""The request path below HTTP, the same in every process layout: route a request to a model
+version, take its queue places, decode its images in the decoder processes, run them through
+the model and wait for the answers within the deadline.
+
+/predict, the V2 routes and the explorer are thin adapters over `Requests`. Where the model
+lives is behind `Models`: in this process (service.local) or in the model process, reached
+through shared memory (service.link). No torch and no litestar here: front workers import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import msgspec
+import numpy as np
+
+from service import metrics
+from service.config import Settings
+from service.decoder import DecoderConfig
+from service.decoding import DecodePool
+from service.errors import (
+    ConflictError,
+    DeadlineExceededError,
+    InvalidParameterError,
+    LayerNotFoundError,
+    ShuttingDownError,
+)
+from service.imaging import PreparedImage
+from service.memory import Trimmer
+from service.spec import InputSpec
+
+log = logging.getLogger("convserve")
+T = TypeVar("T")
+
+
+async def gather_first_error(futures: Sequence[asyncio.Future[T]]) -> list[T]:
+    """Wait for all; raise the first failure (every outcome is retrieved, none left dangling)."""
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results  # type: ignore[return-value]
+
+
+class Route(msgspec.Struct, frozen=True):
+    """What the request path needs to know of one serving version, in any process."""
+
+    name: str
+    version: int
+    input: InputSpec
+    labels: list[str]
+    heatmap_layer: str
+    layers: list[str]  # heatmap layers, in execution order
+    conv_layers: list[str]  # the layers among them the explorer can open
+    grid_cells: int  # most cells (h * w) a heatmap of this version has
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.input.channels, self.input.height, self.input.width)
+
+    def heatmap_point(self, layer: str | None) -> str:
+        """The heatmap layer a request reads; 404 naming the valid ones otherwise."""
+        name = layer or self.heatmap_layer
+        if name not in self.layers:
+            raise LayerNotFoundError(
+                f"model {self.name} v{self.version} has no heatmap layer {name!r}; "
+                f"valid layers: {', '.join(self.layers)}"
+            )
+        return name
+
+    def conv_layer(self, layer: str) -> str:
+        """A conv layer the explorer opens; 404 naming the conv layers otherwise."""
+        if layer not in self.conv_layers:
+            raise LayerNotFoundError(
+                f"model {self.name} v{self.version} has no conv layer {layer!r}; "
+                f"conv layers: {', '.join(self.conv_layers) or 'none'}"
+            )
+        return layer
+
+    def check_target(self, target: int | None) -> None:
+        if target is not None and target >= len(self.labels):
+            raise InvalidParameterError(
+                f"target {target} is out of range: model {self.name} has "
+                f"{len(self.labels)} classes (0..{len(self.labels) - 1})"
+            )
+
+
+class Explain(msgspec.Struct, frozen=True):
+    """A heatmap job: which map, read at which layer. Jobs batch only with equal ones."""
+
+    method: str  # "gradcam" | "activation"
+    layer: str
+
+
+@dataclass(frozen=True)
+class Explained:
+    grid: np.ndarray  # (h, w) float32 in 0..1
+    target: int  # the class the map explains
+    layer: str
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one image gets back from its forward pass."""
+
+    probabilities: np.ndarray  # (classes,) float32, sums to 1
+    batch_size: int
+    explained: Explained | None = None
+
+
+class Ticket(Protocol):
+    """Queue places a request holds on one version while its images decode."""
+
+    @property
+    def route(self) -> Route: ...
+
+
+class Models(Protocol):
+    """Where the model versions live: this process, or the model process."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def route(self, name: str | None, version: str | None) -> Route: ...
+
+    def admit(
+        self, name: str | None, version: str | None, count: int
+    ) -> AbstractAsyncContextManager[Ticket]:
+        """Resolve the version and take `count` queue places (503 when full)."""
+        ...
+
+    async def run(
+        self,
+        ticket: Ticket,
+        arrays: Sequence[np.ndarray],
+        deadline: float,
+        explain: Explain | None,
+        target: int | None,
+    ) -> list[Answer]: ...
+
+    async def open_layer(
+        self, ticket: Ticket, array: np.ndarray, layer: str, deadline: float
+    ) -> bytes:
+        """One conv layer laid open for one image, as LayerMaps JSON."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Image:
+    """One image of a request: encoded bytes to decode, labelled for its errors."""
+
+    label: str  # how errors name it: "body" or "file 2 (cat.jpg)"
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Classified:
+    route: Route  # the version that answered (a swap may land while the body is read)
+    answers: list[Answer]
+    prepared: list[PreparedImage | None]  # decoded images, None for arrays sent as they are
+
+
+class Requests:
+    """The request path of one HTTP process: decoding, drain state, and the models."""
+
+    def __init__(self, settings: Settings, models: Models) -> None:
+        self.settings = settings
+        self.models = models
+        config = DecoderConfig(settings.max_pixels, settings.formats, settings.decode_memory_mb)
+        self.decoders = DecodePool(settings.decode_threads, config)
+        # heatmap overlays: bounded drawing on pictures of at most 1024 px, off the event loop
+        self.painters = ThreadPoolExecutor(
+            settings.decode_threads, thread_name_prefix="convserve-paint"
+        )
+        self.trimmer = Trimmer(self.painters)
+        self.draining = False
+        self.inflight = 0
+
+    async def start(self) -> None:
+        await self.decoders.start()
+
+    @property
+    def ready(self) -> bool:
+        return self.models.ready and self.decoders.running and not self.draining
+
+    def begin_drain(self) -> None:
+        """Stop admitting predictions and report not ready; admitted requests still finish."""
+        self.draining = True
+        metrics.READY.set(0)
+        log.info("draining: %d request(s) in flight", self.inflight)
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Admit one prediction request (503 while draining) and count it until it is answered."""
+        if self.draining:
+            raise ShuttingDownError(
+                "the server is shutting down; retry on another instance", retry_after=1
+            )
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+
+    def stop(self) -> None:
+        self.trimmer.cancel()
+        self.decoders.close()
+        self.painters.shutdown(wait=False, cancel_futures=True)
+
+    async def route_body(
+        self,
+        name: str | None,
+        version: str | None,
+        read: Callable[[], Awaitable[T]],
+        check: Callable[[Route], object] = lambda route: None,
+    ) -> tuple[Route, T]:
+        """Route and run the adapter's checks before the body arrives (a 404 or 503 costs the
+        client no upload), then read it. classify() resolves again: a swap may land meanwhile."""
+        route = await self.models.route(name, version)
+        check(route)
+        return route, await read()
+
+    async def prepare(
+        self, route: Route, images: Sequence[Image], deadline: float, *, keep_display: bool
+    ) -> list[PreparedImage]:
+        """Decode + preprocess a request's images for this version."""
+        try:
+            return await self.decoders.prepare(
+                [image.data for image in images],
+                route.input,
+                deadline,
+                keep_display=keep_display,
+                labels=["" if image.label == "body" else image.label for image in images],
+                timing=metrics.PREPROCESS.labels(route.name, str(route.version)),
+            )
+        except DeadlineExceededError:
+            metrics.REJECTED.labels(route.name, metrics.DEADLINE).inc()
+            raise
+
+    async def classify(
+        self,
+        first: Route,
+        version: str | None,
+        items: Sequence[Image | np.ndarray],
+        deadline: float,
+        *,
+        explain: Callable[[Route], Explain | None] = lambda route: None,
+        target: int | None = None,
+        keep_display: bool = False,
+        check: Callable[[Route], object] = lambda route: None,
+    ) -> Classified:
+        """Images (bytes to decode, or (C, H, W) arrays already preprocessed) -> one answer
+        each, in order. The queue places are taken before decoding, so a flood is refused
+        before it costs a decode, and a forming batch knows these images are coming."""
+        async with self.models.admit(first.name, version, len(items)) as ticket:
+            route = ticket.route
+            if route != first:
+                check(route)
+                if route.input != first.input and any(
+                    isinstance(item, np.ndarray) for item in items
+                ):
+                    raise ConflictError(
+                        f"model {route.name} changed its input to v{route.version}'s while "
+                        "the request was read; send it again"
+                    )
+            images = [item for item in items if isinstance(item, Image)]
+            decoded = iter(await self.prepare(route, images, deadline, keep_display=keep_display))
+            prepared: list[PreparedImage | None] = []
+            arrays: list[np.ndarray] = []
+            for item in items:
+                if isinstance(item, Image):
+                    image = next(decoded)
+                    prepared.append(image)
+                    arrays.append(image.array)
+                else:
+                    prepared.append(None)
+                    arrays.append(item)
+            answers = await self.models.run(ticket, arrays, deadline, explain(route), target)
+        return Classified(route, answers, prepared)
+
+    async def open_layer(
+        self,
+        first: Route,
+        version: str | None,
+        image: Image,
+        layer: str,
+        deadline: float,
+        check: Callable[[Route], object],
+    ) -> tuple[Route, bytes]:
+        """The explorer: decode one image, then its own pass through the model, admitted on
+        the version's queue (so retiring the version waits for it)."""
+        async with self.models.admit(first.name, version, 1) as ticket:
+            route = ticket.route
+            if route != first:
+                check(route)
+            (prepared,) = await self.prepare(route, [image], deadline, keep_display=False)
+            try:
+                return route, await self.models.open_layer(ticket, prepared.array, layer, deadline)
+            finally:
+                self.trimmer.soon()  # the layer's maps: megabytes for a large network

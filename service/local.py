@@ -1,0 +1,75 @@
+"""Models in this process: the catalog's versions behind the `Models` interface of the request
+path. The single process serves through it, and so does the model process for its workers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from service.batching import Admission
+from service.catalog import Catalog, Deployment
+from service.convolution import layer_maps_json
+from service.inference import Answer, Explain, Route, Ticket
+
+
+@dataclass(eq=False)
+class LocalTicket:
+    route: Route
+    deployment: Deployment
+    admission: Admission
+
+
+def _local(ticket: Ticket) -> LocalTicket:
+    assert isinstance(ticket, LocalTicket)
+    return ticket
+
+
+class LocalModels:
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    @property
+    def ready(self) -> bool:
+        return self.catalog.ready
+
+    async def route(self, name: str | None, version: str | None) -> Route:
+        return self.catalog.resolve(name, version).route
+
+    @asynccontextmanager
+    async def admit(
+        self, name: str | None, version: str | None, count: int
+    ) -> AsyncIterator[LocalTicket]:
+        deployment = self.catalog.resolve(name, version)
+        # no await between routing and admission: a version being retired waits for this one
+        with deployment.batcher.incoming(count) as admission:
+            yield LocalTicket(deployment.route, deployment, admission)
+
+    async def run(
+        self,
+        ticket: Ticket,
+        arrays: Sequence[np.ndarray],
+        deadline: float,
+        explain: Explain | None,
+        target: int | None,
+    ) -> list[Answer]:
+        local = _local(ticket)
+        batcher = local.deployment.batcher
+        jobs = batcher.submit(local.admission, arrays, deadline, explain, target)
+        return await batcher.results(jobs, deadline)
+
+    async def open_layer(
+        self, ticket: Ticket, array: np.ndarray, layer: str, deadline: float
+    ) -> bytes:
+        local = _local(ticket)
+        work = partial(layer_maps_json, local.deployment.classifier, array, layer)
+        return await local.deployment.batcher.run_alone(local.admission, work, deadline)
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None

@@ -147,7 +147,7 @@ class Settings:
     warmup: bool = True
     engine: str = "auto"
     threads: int | None = None
-    decode_threads: int = min(4, os.cpu_count() or 2)
+    decode_threads: int = 2
     decode_memory_mb: int = 1024
     drain_s: float = 30.0
     drain_delay_s: float = 1.0
@@ -252,7 +252,7 @@ HELP: dict[str, str] = {
     "warmup": "run every served batch size once before a version takes traffic",
     "engine": "auto (the faster, measured at load) | torch | onnxruntime",
     "threads": "torch intra-op threads (default: torch's choice)",
-    "decode_threads": "images decoded at once, each in its own decoder process",
+    "decode_threads": "images one worker decodes at once, each in its own decoder process",
     "decode_memory_mb": "memory one decoder process may use for an image (more: 400, replaced)",
     "drain_s": "longest graceful shutdown waits for admitted requests",
     "drain_delay_s": "after SIGTERM, report not ready at least this long before closing sockets",

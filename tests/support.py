@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -125,6 +126,22 @@ def child_pids(server: ServerProcess, module: str) -> set[int]:
             if module.encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
                 found.add(pid)
     return found
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (decoding may run in children)."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it ended between the listing and the read
+        found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+        total += int(found[1]) * 1024 if found else 0
+    return total
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

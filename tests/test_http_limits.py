@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import httpx
 import pytest
 
 from service.logs import JsonFormatter, TextFormatter
-from tests.support import ServerProcess, exchange, running_server
+from tests.support import ServerProcess, exchange, running_server, tree_rss
 
 TIMEOUT_S = 1.0
 CAP = 16
@@ -69,13 +68,6 @@ def assert_refused(answer: bytes, status: int, detail: str) -> None:
 def assert_serves(server: ServerProcess) -> None:
     response = httpx.get(f"{server.url}/health/live", timeout=5)
     assert response.status_code == 200
-
-
-def rss_bytes(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
-    assert match is not None
-    return int(match.group(1)) * 1024
 
 
 def test_heads_at_the_limits_are_served(server: ServerProcess) -> None:
@@ -132,7 +124,7 @@ def test_endless_heads_are_cut_off_and_memory_stays_flat(server: ServerProcess) 
             except OSError:  # reset or broken pipe: the server cut us off
                 cut[index] = True
 
-    before = rss_bytes(server.process.pid)
+    before = tree_rss(server.process.pid)
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(starts))]
     for thread in threads:
         thread.start()
@@ -140,7 +132,7 @@ def test_endless_heads_are_cut_off_and_memory_stays_flat(server: ServerProcess) 
         thread.join(timeout=60)
     assert cut == [True] * len(starts), sent
     assert max(sent) < 32 * 1024 * 1024, sent  # refused at 73 KiB, then a bounded linger
-    grown = rss_bytes(server.process.pid) - before
+    grown = tree_rss(server.process.pid) - before
     assert grown < 40 * 1024 * 1024, f"RSS grew {grown / 2**20:.1f} MiB"
     assert_serves(server)
 

@@ -19,7 +19,14 @@ from service.config import Settings
 from service.importing import import_torchvision
 from service.store import ModelStore
 from tests.conftest import app_client
-from tests.support import BUNDLED_STORE, held_out_digits, metric_value, png_bytes, running_server
+from tests.support import (
+    BUNDLED_STORE,
+    child_pids,
+    held_out_digits,
+    metric_value,
+    png_bytes,
+    running_server,
+)
 
 pytestmark = pytest.mark.anyio
 PNG = {"content-type": "image/png"}
@@ -236,7 +243,7 @@ def test_unload_frees_the_memory(tmp_path: Path) -> None:
     env = {"CONVSERVE_STORE": str(tmp_path / "store"), "CONVSERVE_API_KEY": "test-key",
            "CONVSERVE_MAX_BATCH_SIZE": "2"}  # fmt: skip
     with running_server(tmp_path, env) as server:
-        pid = server.process.pid
+        (pid,) = child_pids(server, "service.modelhost")  # where the weights are
         before = rss_bytes(pid)
         response = httpx.post(f"{server.url}/models/big/versions/2/unload", headers=KEY)
         assert response.status_code == 200

@@ -27,6 +27,7 @@ from tests.support import (
     metric_value,
     png_bytes,
     running_server,
+    tree_rss,
 )
 
 PNG = {"content-type": "image/png"}
@@ -152,8 +153,7 @@ def test_heatmaps_and_the_explorer_are_admitted_like_predictions(
 
 
 def resident_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(x for x in status.splitlines() if x.startswith("VmRSS")).split()[1]) / 1024
+    return tree_rss(pid) / 2**20
 
 
 def test_memory_comes_back_after_large_answers(tmp_path: Path, resnet_store: Path) -> None:
@@ -161,7 +161,7 @@ def test_memory_comes_back_after_large_answers(tmp_path: Path, resnet_store: Pat
     explorer answers (a resnet18 server grew by about 300 MB and kept it before the trim)."""
     bodies = photos(4) * 8
     with running_server(tmp_path, {"CONVSERVE_STORE": str(resnet_store)}) as server:
-        pid = server.process.pid
+        pid = server.process.pid  # the whole tree: the model process and the workers
         idle = resident_mb(pid)
         for path in ("/predict?heatmap=gradcam", "/models/resnet18/layers/conv1/maps"):
             results = burst(server.url, path, bodies, JPEG)

@@ -31,7 +31,17 @@ import pytest
 
 from tests.corpus import MANIFEST, Reply, case_bytes, raw_request, send
 from tests.data.make_corpus import multipart
-from tests.support import ARTIFACTS, ROOT, Digit, held_out_digits, png_bytes, running_server
+from tests.support import (
+    ARTIFACTS,
+    ROOT,
+    Digit,
+    ServerProcess,
+    child_pids,
+    held_out_digits,
+    png_bytes,
+    running_server,
+    tree_rss,
+)
 
 DEADLINE_S = 5.0
 HEADER_TIMEOUT_S = 2.0
@@ -52,22 +62,6 @@ SLOW_CONNECTIONS = 2  # of each kind: trickled heads, trickled bodies
 PNG = {"content-type": "image/png"}
 
 pytestmark = pytest.mark.slow
-
-
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (decoding may run in children)."""
-    total, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
-        try:
-            status = Path(f"/proc/{current}/status").read_text()
-            for task in Path(f"/proc/{current}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # it ended between the listing and the read
-        found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
-        total += int(found[1]) * 1024 if found else 0
-    return total
 
 
 @dataclass
@@ -152,13 +146,14 @@ def hold_open(url: str, head: bytes, trickle: bytes, out: list[tuple[str, float]
         out.append(("closed" if closed else "open", elapsed))
 
 
-def ahead_of_the_attackers(server_pid: int, probe_pid: int) -> None:
+def ahead_of_the_attackers(server: ServerProcess, probe_pid: int) -> None:
     """The attackers and the normal clients run in this process, on the server's two cores; in
     a deployment they are other machines, and the health checker is the node's own. So the
     server's event loop (its main thread) and the probe go ahead of this process's threads.
     Needs root (as CI runs); otherwise everyone shares the cores equally."""
-    for pid in (server_pid, probe_pid):
-        with contextlib.suppress(PermissionError):
+    serving = child_pids(server, "service.front") | child_pids(server, "service.modelhost")
+    for pid in (server.process.pid, *serving, probe_pid):
+        with contextlib.suppress(PermissionError, ProcessLookupError):
             os.setpriority(os.PRIO_PROCESS, pid, -10)
 
 
@@ -216,7 +211,7 @@ def test_no_single_client_can_take_the_service_down(tmp_path: Path) -> None:
         idle_rss = tree_rss(pid)
 
         probe = start_probe(server.url)
-        ahead_of_the_attackers(pid, probe.pid)
+        ahead_of_the_attackers(server, probe.pid)
         memory = Sampler(lambda: tree_rss(pid), LIVENESS_EVERY_S)
         stop = threading.Event()
         normal: list[tuple[int, int, int | None, float]] = []

@@ -69,7 +69,10 @@ def free_port() -> int:
 class Server:
     """`convserve serve` (or any command) as a separate process on a free port."""
 
-    def __init__(self, env: dict[str, str], command: list[str] | None = None) -> None:
+    def __init__(
+        self, env: dict[str, str], command: list[str] | None = None, cwd: Path | None = None
+    ) -> None:
+        """`cwd`: where `python -m service` resolves `service` first (another checkout)."""
         import subprocess
         import sys
 
@@ -81,6 +84,7 @@ class Server:
         self.process = subprocess.Popen(
             command or [sys.executable, "-m", "service", "serve"],
             env=environ,
+            cwd=cwd,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

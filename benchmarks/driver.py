@@ -133,14 +133,16 @@ def pipeline(classifier: Classifier, engine: Engine, body: bytes, size: int) -> 
     np.argsort(-probabilities, axis=1)[:, :5]
 
 
-def inprocess(model: Model, report: Report) -> None:
+def inprocess(model: Model, report: Report, sizes: tuple[int, ...] = (1, 8, 32)) -> None:
+    """Both engines at each batch size in `sizes`, 4 s each (a caller needing batch 1 only
+    saves the rest)."""
     store = ModelStore(model.store)
     classifier = store.load(model.name, 1, CPU)
     folder = store.path(model.name, 1)
     onnx = OnnxEngine(ensure_onnx(classifier.module, classifier.input_shape, folder,
                                   classifier.spec.sha256), None)  # fmt: skip
     for engine in (classifier.torch_engine, onnx):
-        for size in (1, 8, 32):
+        for size in sizes:
             pipeline(classifier, engine, model.body, size)  # warm
             times: list[float] = []
             budget = time.perf_counter() + 4.0
@@ -176,16 +178,18 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
+def process_cpu(pid: int) -> float:
+    """CPU time (user + system) of one process, 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) of a process tree."""
-    total = 0
-    for member in process_tree(pid):
-        try:
-            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / TICKS
+    return sum(process_cpu(member) for member in process_tree(pid))
 
 
 def pause(pid: int, paused: bool) -> None:
@@ -231,8 +235,12 @@ def batch_totals(url: str) -> tuple[float, float]:
 class Target:
     """A server under test: start, the predict URL, CPU time, batch sizes, stop."""
 
-    def __init__(self, name: str, model: Model, threads: int) -> None:
+    def __init__(self, name: str, model: Model, threads: int, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:  # fmt: skip
+        """`env` and `cwd` (a checkout to run `python -m service` from) vary a convserve server
+        beyond the named targets, e.g. its worker count or another commit's code."""
         self.name, self.model, self.threads = name, model, threads
+        self.env, self.cwd = env or {}, cwd
         self.peer: RunningPeer | None = None
         self.server: Server | None = None
         self.url = ""
@@ -258,7 +266,7 @@ class Target:
             env["CONVSERVE_ENGINE"] = "torch"
         if self.name == "convserve-2w":
             env["CONVSERVE_WORKERS"] = "2"
-        self.server = Server(env)
+        self.server = Server(env | self.env, cwd=self.cwd)
         self.server.wait_ready()
         self.url = f"{self.server.url}/models/{self.model.name}/predict"
 
@@ -276,8 +284,7 @@ class Target:
         if self.peer is not None:
             sizes = self.peer.batch_sizes()
             return float(sum(sizes)), float(len(sizes))
-        if self.name.startswith("convserve"):
-            assert self.server is not None
+        if self.server is not None and self.name != "naive":  # a convserve server
             return batch_totals(self.server.url)
         return None
 
@@ -299,21 +306,28 @@ class Sample:
     passes: float | None
     cpu: float
     wall: float
+    cpu_parts: dict[str, float] = field(default_factory=dict)  # CPU seconds of named parts
 
 
-def measure(target: Target, body_file: Path, clients: int, seconds: float) -> Sample:
+def measure(target: Target, body_file: Path, clients: int, seconds: float,
+            parts: Callable[[], dict[str, float]] | None = None) -> Sample:  # fmt: skip
+    """One `hey` run after a 1 s warm-up. `parts` reads the CPU seconds of parts of the server
+    (its front workers, say): read in the same window as the whole tree's, so they compare."""
     hey(target.url, body_file, clients, 1.0)  # warm connections and batch sizes
     cpu_before, batches_before = target.cpu(), target.batches()
+    parts_before = parts() if parts else {}
     started = time.perf_counter()
     result = hey(target.url, body_file, clients, seconds)
     wall = time.perf_counter() - started
+    parts_after = parts() if parts else {}
     cpu_after, batches_after = target.cpu(), target.batches()
     images = passes = None
     if batches_before is not None and batches_after is not None:
         images = batches_after[0] - batches_before[0]
         passes = batches_after[1] - batches_before[1]
+    spent = {name: parts_after.get(name, used) - used for name, used in parts_before.items()}
     return Sample(result["rate"], result["p50"], result["p90"], result["p99"], result["errors"],
-                  images, passes, cpu_after - cpu_before, wall)  # fmt: skip
+                  images, passes, cpu_after - cpu_before, wall, spent)  # fmt: skip
 
 
 def summarize(target: Target, clients: int, samples: list[Sample]) -> LoadResult:

@@ -53,6 +53,7 @@ fuzz: $(STAMP) ## fuzz the image decode path for ten minutes (atheris); fails on
 bench: $(STAMP) ## benchmark against the in-process limit, a naive server and peers (about 30 min)
 	command -v hey >/dev/null || (apt-get update -q && apt-get install -y -q hey)
 	$(BIN)/python -m benchmarks.driver
+	$(BIN)/python -m benchmarks.workers
 
 soak: $(STAMP) ## 20,000 mixed requests; fails if the server's memory grows past the bound
 	$(BIN)/python -m benchmarks.soak

@@ -65,7 +65,10 @@ async def ready(request: Request[Any, Any, Any], requests: RequestsDep) -> Respo
     link = _link(requests)
     if not link.connected:
         raise ModelNotReadyError(f"not ready: {DOWN}", retry_after=1)
+    # the model process names what it waits for; past that, this worker's decoders too
     answer = await link.forward(_forward(cast("Scope", request.scope), b""))
+    if answer.status == 200 and not requests.ready:
+        raise ModelNotReadyError("not ready: this worker is starting", retry_after=1)
     return Response(answer.body, status_code=answer.status, headers=_headers(answer))
 
 
@@ -183,7 +186,10 @@ def create_front_app(
             requests.stop()
             await link.stop()
 
-    local = build_app(settings, [*request_routes(), ready], {"requests": requests}, lifespan, None)
+    # no OpenAPI document here: /schema is forwarded to the model process, which has every route
+    local = build_app(
+        settings, [*request_routes(), ready], {"requests": requests}, lifespan, None, openapi=False
+    )
     app = access_middleware(
         cast("ASGIApp", Dispatch(local, requests)), draining=lambda: requests.draining
     )

@@ -58,12 +58,8 @@ DOWN = "the model process is starting or restarting; retry shortly"
 class RemoteTicket:
     route: Route
     number: int
+    connection: int  # admissions live in one model process: a restarted one has none
     used: bool = False
-
-
-def _remote(ticket: Ticket) -> RemoteTicket:
-    assert isinstance(ticket, RemoteTicket)
-    return ticket
 
 
 class RemoteModels:
@@ -78,6 +74,7 @@ class RemoteModels:
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
+        self._connection = 0
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -116,6 +113,7 @@ class RemoteModels:
                 await asyncio.sleep(RECONNECT_S)
                 continue
             self.connected = True
+            self._connection += 1
             log.info("connected to the model process")
             polling = loop.create_task(self._poll_status())
             try:
@@ -148,12 +146,16 @@ class RemoteModels:
                 status = await self._call(Status(), ModelsStatus)
                 self.models_ready = status.ready
                 self.on_status()
-            await asyncio.sleep(STATUS_EVERY_S)
+            await asyncio.sleep(STATUS_EVERY_S if self.models_ready else RECONNECT_S)
 
     def _send(self, call: Call) -> None:
-        if self._writer is None:
+        writer = self._writer
+        if writer is None or writer.is_closing():
             raise ModelNotReadyError(DOWN, retry_after=1)
-        self._writer.write(frame(call))
+        try:
+            writer.write(frame(call))
+        except (RuntimeError, ConnectionError):  # lost in the instant since the check
+            raise ModelNotReadyError(DOWN, retry_after=1) from None
 
     async def _call(self, body: Body, kind: type[R], slot: tuple[int, int] | None = None) -> R:
         """One call and its reply. A caller that stops waiting (a hang-up) leaves its arena
@@ -180,6 +182,12 @@ class RemoteModels:
             raise_failure(reply.failure)
         return msgspec.msgpack.decode(reply.result, type=kind)
 
+    def _remote(self, ticket: Ticket) -> RemoteTicket:
+        assert isinstance(ticket, RemoteTicket)
+        if ticket.connection != self._connection or not self.connected:
+            raise ModelNotReadyError(f"the model process restarted; {DOWN}", retry_after=1)
+        return ticket
+
     # ---- Models -------------------------------------------------------------------------------
 
     async def route(self, name: str | None, version: str | None) -> Route:
@@ -190,11 +198,11 @@ class RemoteModels:
         self, name: str | None, version: str | None, count: int
     ) -> AsyncIterator[RemoteTicket]:
         admitted = await self._call(Admit(name, version, count), Admitted)
-        ticket = RemoteTicket(admitted.route, admitted.ticket)
+        ticket = RemoteTicket(admitted.route, admitted.ticket, self._connection)
         try:
             yield ticket
         finally:
-            if not ticket.used:
+            if not ticket.used and ticket.connection == self._connection:
                 with contextlib.suppress(ModelNotReadyError):
                     self._send(Call(0, Release(ticket.number)))
 
@@ -206,7 +214,7 @@ class RemoteModels:
         explain: Explain | None,
         target: int | None,
     ) -> list[Answer]:
-        remote = _remote(ticket)
+        remote = self._remote(ticket)
         route = remote.route
         count = len(arrays)
         classes = len(route.labels)
@@ -243,7 +251,7 @@ class RemoteModels:
     async def open_layer(
         self, ticket: Ticket, array: np.ndarray, layer: str, deadline: float
     ) -> bytes:
-        remote = _remote(ticket)
+        remote = self._remote(ticket)
         nbytes = array.nbytes
         offset = self.arena.allocate(nbytes)
         self.arena.array(offset, array.shape)[:] = array

@@ -54,7 +54,7 @@ from service.channel import (
     read_frame,
 )
 from service.config import Settings
-from service.errors import ServiceError, ShuttingDownError
+from service.errors import ModelNotReadyError, ServiceError, ShuttingDownError
 from service.inference import Requests, Ticket
 from service.local import LocalModels
 from service.logs import configure_logging
@@ -152,8 +152,8 @@ class Session:
             await held[0].__aexit__(None, None, None)
 
     def _ticket(self, number: int) -> Ticket:
-        if number not in self.tickets:
-            raise ServiceError(f"no admission {number}")
+        if number not in self.tickets:  # a worker's admission from before a restart
+            raise ModelNotReadyError("the model process restarted; retry", retry_after=1)
         return self.tickets[number][1]
 
     async def _classify(self, body: Run) -> Ran:

@@ -308,7 +308,8 @@ def test_sigterm_mid_load_loses_nothing(tmp_path: Path, workers: str) -> None:
     closing = (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)
     assert all(isinstance(r, closing) for _, r in unanswered), {type(r) for _, r in unanswered}
     mid_close = [r for _, r in unanswered if not isinstance(r, httpx.ConnectError)]
-    assert len(mid_close) <= 16  # at most one per client, caught in the instant the socket closed
+    # at most one per client and worker, caught in the instant that worker's socket closed
+    assert len(mid_close) <= 16 * max(1, int(workers))
     assert 200 in readiness
     assert 503 in readiness[readiness.index(200) :]  # ready turned false before the exit
 

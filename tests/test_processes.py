@@ -3,6 +3,7 @@ batches across workers, the whole contract through either worker, crashes that s
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -94,14 +95,15 @@ def test_management_and_store_watching_reach_every_worker(tmp_path: Path) -> Non
         )
         assert moved.status_code == 200, moved.text
         for _ in range(8):  # every worker sees the one catalog
-            assert fresh(server, "GET", "/models/digits").json()["aliases"] == {"prod": 1}
+            (listed,) = fresh(server, "GET", "/models").json()["models"]
+            assert listed["aliases"] == {"prod": 1}
             answer = fresh(server, "POST", "/predict?version=prod", content=body, headers=PNG)
             assert answer.json()["model"]["version"] == 1
         # a new version loaded through the API serves through both workers
         shutil.copytree(store / "digits" / "1", tmp_path / "v2")
         (tmp_path / "v2").rename(store / "digits" / "2")
         deadline = time.monotonic() + 30
-        while fresh(server, "GET", "/models/digits").json()["serving_version"] != 2:
+        while fresh(server, "GET", "/models").json()["models"][0]["serving_version"] != 2:
             assert time.monotonic() < deadline, "the watcher did not load v2"
             time.sleep(0.2)
         for _ in range(8):
@@ -134,8 +136,9 @@ def test_metrics_request_ids_and_heatmaps_through_either_worker(tmp_path: Path) 
             headers={**PNG, "accept": "image/png"},
         )  # fmt: skip
         assert picture.headers["content-type"] == "image/png"
-        (tmp_path / "heatmap.png").write_bytes(picture.content)
-        assert Image.open(tmp_path / "heatmap.png").size == (28, 28)
+        with Image.open(io.BytesIO(picture.content)) as heatmap:
+            assert heatmap.format == "PNG"
+            assert heatmap.width == heatmap.height >= 28
         scrapes = [fresh(server, "GET", "/metrics").text for _ in range(6)]
         page = fresh(server, "GET", "/")
         assert page.status_code == 200
@@ -207,8 +210,10 @@ def test_a_dead_model_process_means_503_not_a_hang_and_it_comes_back(tmp_path: P
     statuses = {r.status_code for r in answered}
     assert statuses <= {200, 503}, statuses
     assert 503 in statuses  # the loss was seen, and answered at once
-    down = [r.json() for r in answered if r.status_code == 503]
-    assert all("model process" in d["detail"] or "unloaded" in d["detail"] for d in down), down[:3]
+    details = {r.json()["detail"] for r in answered if r.status_code == 503}
+    # the lost process, then its replacement loading: each a 503 that says why
+    expected = ("model process", "still loading", "no models are loaded")
+    assert all(any(e in d for e in expected) for d in details), details
     after = [s for t, s in readiness if t > killed_at]
     assert 503 in after
     assert after[-1] == 200

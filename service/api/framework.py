@@ -99,6 +99,8 @@ def build_app(
     provided: dict[str, object],
     lifespan: Callable[[Litestar], AbstractAsyncContextManager[None]],
     draining: Callable[[], bool] | None,
+    *,
+    openapi: bool = True,
 ) -> Litestar:
     """A Litestar app with convserve's error handling. `provided` becomes its dependencies;
     `draining` None leaves out the access middleware (the model process's internal app: the
@@ -120,7 +122,9 @@ def build_app(
         },
         middleware=middleware,
         request_max_body_size=settings.max_body_bytes,
-        openapi_config=OpenAPIConfig(
+        openapi_config=None
+        if not openapi
+        else OpenAPIConfig(
             title="convserve",
             version=__version__,
             description="Image classification for CNNs with batching, heatmaps and metrics.",

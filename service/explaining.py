@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from service.catalog import resolve_device
 from service.imaging import DecodeLimits, configure_decoding, prepare_image
+from service.loading import resolve_device
 from service.overlay import overlay_png
 from service.store import ModelStore
 

@@ -1,5 +1,5 @@
-"""Runtime: the models side of a process (settings, catalog, inference and loader threads,
-store watching). The request path (service.inference) reaches it through service.local."""
+"""Runtime: the models side of a process (settings, catalog and loader, inference and load
+threads, store watching). The request path (service.inference) reaches it through service.local."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from service import metrics
-from service.catalog import Catalog, resolve_device
+from service.catalog import Catalog
 from service.config import Settings
+from service.loading import Loader, resolve_device
 from service.memory import trim_heap
 from service.store import ModelStore
 from service.watching import StoreWatcher
@@ -32,10 +33,13 @@ class Runtime:
         self.store = ModelStore(settings.store)
         # One inference thread: batches run back to back and torch gets every core for each.
         self.inference = ThreadPoolExecutor(1, thread_name_prefix="convserve-infer")
-        self.loader = ThreadPoolExecutor(1, thread_name_prefix="convserve-load")
-        self.catalog = Catalog(settings, self.store, self.device, self.inference, self.loader)
+        self.load_thread = ThreadPoolExecutor(1, thread_name_prefix="convserve-load")
+        self.catalog = Catalog(settings.default_model, self.store.root)
+        self.loader = Loader(
+            settings, self.store, self.catalog, self.device, self.inference, self.load_thread
+        )
         self.watcher = (
-            StoreWatcher(self.catalog, settings.watch_interval_s) if settings.watch else None
+            StoreWatcher(self.loader, settings.watch_interval_s) if settings.watch else None
         )
         self.started_at = time.monotonic()
         self._loading: asyncio.Task[None] | None = None
@@ -56,7 +60,7 @@ class Runtime:
             await asyncio.shield(self._loading)
 
     async def _load(self) -> None:
-        await self.catalog.load_store()
+        await self.loader.load_store()
         # Everything loaded so far lives as long as the process: keep it out of the cyclic
         # collector, whose full passes over it stalled requests (p99 142 -> 37 ms, digits at 32
         # clients; docs/benchmarks.md).
@@ -65,15 +69,11 @@ class Runtime:
         trim_heap()  # what loading and warm-up freed leaves the resident size
         if self.watcher is not None:
             self.watcher.start()
+        models = self.catalog.status().models.values()
         log.info(
             "ready in %.2fs: %s",
             time.monotonic() - self.started_at,
-            ", ".join(
-                f"{e.name} v{v}"
-                for e in self.catalog.models.values()
-                for v in sorted(e.deployments)
-            )
-            or "no models",
+            ", ".join(f"{m.name} v{v}" for m in models for v in m.loaded) or "no models",
         )
 
     async def _device_memory(self) -> None:
@@ -91,6 +91,6 @@ class Runtime:
                     await task
         if self.watcher is not None:
             await self.watcher.stop()
-        await self.catalog.stop()
-        for pool in (self.inference, self.loader):
+        await self.loader.stop()
+        for pool in (self.inference, self.load_thread):
             pool.shutdown(wait=False, cancel_futures=True)

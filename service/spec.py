@@ -1,16 +1,42 @@
-"""The model.json schema: what a stored model is, as typed structs."""
+"""The model.json schema: what a stored model is, as typed structs, and the names and version
+numbers it is stored and asked for under (no torch: routing checks them too)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
+from service.errors import ModelNotFoundError, VersionNotFoundError
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+VERSION_PATTERN = re.compile(r"[0-9]{1,9}")  # ASCII only: str.isdigit() takes "²", int() not
 ResizePolicy = Literal["stretch", "center_crop"]
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
+
+
+def check_name(name: str) -> str:
+    """Model names are plain words: nothing that could walk out of the store directory."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise ModelNotFoundError(
+            f"{name!r} is not a valid model name (letters, digits, '_' and '-', at most 64)"
+        )
+    return name
+
+
+def parse_version(text: str) -> int:
+    """A version number as a client writes it: 1 to 9 ASCII digits. (int() alone also takes
+    '٣', ' 1' and '1_0'; str.isdigit() takes '²', which int() refuses.)"""
+    if not VERSION_PATTERN.fullmatch(text):
+        shown = repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
+        raise VersionNotFoundError(
+            f"{shown} is not a version: versions are numbers of at most 9 ASCII digits"
+        )
+    return int(text)
 
 
 class InputSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -7,7 +7,6 @@ reason a user can act on, and never stops other models from loading.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,39 +22,25 @@ from service.engines import write_onnx
 from service.errors import (
     ArchitectureError,
     ModelLoadError,
-    ModelNotFoundError,
     VersionNotFoundError,
 )
 from service.heatmaps import heatmap_layers
 from service.registry import build_model
-from service.spec import InputSpec, ModelSpec, encode_spec, read_spec, sha256_file
+from service.spec import (
+    NAME_PATTERN,
+    VERSION_PATTERN,
+    InputSpec,
+    ModelSpec,
+    check_name,
+    encode_spec,
+    read_spec,
+    sha256_file,
+)
 
 log = logging.getLogger("convserve.store")
 SPEC_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-VERSION_PATTERN = re.compile(r"[0-9]{1,9}")  # ASCII only: str.isdigit() takes "²", int() not
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
-
-
-def check_name(name: str) -> str:
-    """Model names are plain words: nothing that could walk out of the store directory."""
-    if not NAME_PATTERN.fullmatch(name):
-        raise ModelNotFoundError(
-            f"{name!r} is not a valid model name (letters, digits, '_' and '-', at most 64)"
-        )
-    return name
-
-
-def parse_version(text: str) -> int:
-    """A version number as a client writes it: 1 to 9 ASCII digits. (int() alone also takes
-    '٣', ' 1' and '1_0'; str.isdigit() takes '²', which int() refuses.)"""
-    if not VERSION_PATTERN.fullmatch(text):
-        shown = repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
-        raise VersionNotFoundError(
-            f"{shown} is not a version: versions are numbers of at most 9 ASCII digits"
-        )
-    return int(text)
 
 
 class ModelStore:

@@ -12,8 +12,8 @@ import contextlib
 import logging
 from pathlib import Path
 
-from service.catalog import Catalog
 from service.errors import ModelLoadError, ServiceError
+from service.loading import Loader
 from service.store import SPEC_FILE, WEIGHTS_FILE
 
 log = logging.getLogger("convserve.watch")
@@ -33,17 +33,18 @@ def fingerprint(folder: Path) -> Fingerprint:
 class StoreWatcher:
     """Polls the store every `interval` seconds and loads what is new."""
 
-    def __init__(self, catalog: Catalog, interval: float) -> None:
-        self.catalog = catalog
+    def __init__(self, loader: Loader, interval: float) -> None:
+        self.loader = loader
         self.interval = interval
         self.refused: dict[tuple[str, int], Fingerprint] = {}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        for name, entry in self.catalog.models.items():  # refused at start-up: retry on change
-            for version in entry.failures:
-                folder = self.catalog.store.root / name / str(version)
-                self.refused[(name, version)] = fingerprint(folder)
+        for name, model in self.loader.catalog.status().models.items():
+            for version, state in model.versions.items():
+                if state.reason is not None:  # refused at start-up: retry on change
+                    folder = self.loader.store.root / name / str(version)
+                    self.refused[(name, version)] = fingerprint(folder)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="store watcher")
 
     async def stop(self) -> None:
@@ -61,11 +62,10 @@ class StoreWatcher:
                 log.exception("store scan failed")
 
     async def scan(self) -> None:
-        store = self.catalog.store
+        store = self.loader.store
         for name in store.names():
-            entry = self.catalog.models.get(name)
             for version in store.versions(name):
-                if entry is not None and (version in entry.deployments or version in entry.loading):
+                if self._taken(name, version):
                     continue
                 folder = store.root / name / str(version)
                 marks = fingerprint(folder)
@@ -73,7 +73,13 @@ class StoreWatcher:
                     continue
                 log.info("store watch: new version %s v%d", name, version)
                 try:
-                    await self.catalog.load(name, version)
+                    await self.loader.load(name, version)
                     self.refused.pop((name, version), None)
                 except (ModelLoadError, ServiceError):
                     self.refused[(name, version)] = marks
+
+    def _taken(self, name: str, version: int) -> bool:
+        """Loaded or loading now: asked per version, as a load may start while a scan awaits."""
+        model = self.loader.catalog.status().models.get(name)
+        state = model.versions.get(version) if model is not None else None
+        return state is not None and state.state != "failed"

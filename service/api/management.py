@@ -27,7 +27,7 @@ from service.errors import (
     UnauthorizedError,
 )
 from service.runtime import Runtime
-from service.store import check_name, parse_version
+from service.spec import check_name, parse_version
 
 MANAGEMENT_DOCS: dict[str, Any] = {"responses": problems(400, 401, 403, 404, 409, 422, 503)}
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="convserve management"'}
@@ -78,41 +78,38 @@ class StoreListing(msgspec.Struct):
 
 @get(**MANAGEMENT_DOCS, path="/store", summary="Every model version in the store, loaded or not")
 async def list_store(runtime: RuntimeDep) -> StoreListing:
-    catalog = runtime.catalog
+    models = runtime.catalog.status().models
     listed = []
     for name in runtime.store.names():
-        entry = catalog.models.get(name)
-        versions = []
-        for version in runtime.store.versions(name):
-            status = "not loaded"
-            if entry is not None:
-                if version in entry.deployments:
-                    status = "ready"
-                elif version in entry.loading:
-                    status = "loading"
-                elif version in entry.failures:
-                    status = "failed"
-            versions.append(StoredVersion(version, status))
+        known = models[name].versions if name in models else {}
+        versions = [
+            StoredVersion(v, known[v].state if v in known else "not loaded")
+            for v in runtime.store.versions(name)
+        ]
         listed.append(StoredModel(name, versions))
     return StoreListing(str(runtime.store.root), listed)
 
 
+def changed(runtime: Runtime, name: str) -> ModelStatus:
+    """What every change answers: the model as GET /models now shows it."""
+    return model_status(runtime.catalog.status().models[name])
+
+
 async def _load(runtime: Runtime, name: str, version: int, *, replace: bool) -> ModelStatus:
-    catalog = runtime.catalog
     runtime.store.path(check_name(name), version)  # 404 unless the store has it
-    entry = catalog.models.get(name)
-    loaded = entry is not None and version in entry.deployments
+    models = runtime.catalog.status().models
+    loaded = name in models and version in models[name].loaded
     if loaded and not replace:
         raise ConflictError(f"model {name} v{version} is already loaded; use .../reload")
     if not loaded and replace:
         raise ConflictError(f"model {name} v{version} is not loaded; use .../load")
     try:
-        await catalog.load(name, version)
+        await runtime.loader.load(name, version)
     except ModelLoadError as exc:
         raise ModelRefusedError(
             f"model {name} v{version} was refused and nothing changed: {exc.reason}"
         ) from None
-    return model_status(catalog.entry(name))
+    return changed(runtime, name)
 
 
 @post(
@@ -148,8 +145,8 @@ async def reload_version(
 async def unload_version(
     runtime: RuntimeDep, name: FromPath[str], version: FromPath[str]
 ) -> ModelStatus:
-    await runtime.catalog.unload(name, parse_version(version))
-    return model_status(runtime.catalog.entry(name))
+    await runtime.loader.unload(name, parse_version(version))
+    return changed(runtime, name)
 
 
 @put(
@@ -161,7 +158,7 @@ async def set_default(
     runtime: RuntimeDep, name: FromPath[str], data: JSONBody[VersionChoice]
 ) -> ModelStatus:
     runtime.catalog.set_default(name, data.version)
-    return model_status(runtime.catalog.entry(name))
+    return changed(runtime, name)
 
 
 @put(
@@ -176,7 +173,7 @@ async def set_alias(
         runtime.catalog.delete_alias(name, alias)
     else:
         runtime.catalog.set_alias(name, alias, data.version)
-    return model_status(runtime.catalog.entry(name))
+    return changed(runtime, name)
 
 
 @delete(
@@ -189,7 +186,7 @@ async def delete_alias(
     runtime: RuntimeDep, name: FromPath[str], alias: FromPath[str]
 ) -> ModelStatus:
     runtime.catalog.delete_alias(name, alias)
-    return model_status(runtime.catalog.entry(name))
+    return changed(runtime, name)
 
 
 management = Router(

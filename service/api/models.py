@@ -19,37 +19,37 @@ from service.api.schemas import (
     ModelStatus,
     VersionStatus,
 )
-from service.catalog import Deployment, ModelEntry
+from service.catalog import Deployment, ModelState, VersionState
 
 CARD_PROBLEMS = problems(404, 503)
 
 
-def model_status(entry: ModelEntry) -> ModelStatus:
-    versions: dict[int, VersionStatus] = {}
-    for number, reason in entry.failures.items():
-        versions[number] = VersionStatus(number, "failed", error=reason)
-    for number in entry.loading:
-        versions[number] = VersionStatus(number, "loading")
-    for number, deployment in entry.deployments.items():
-        spec = deployment.classifier.spec
-        versions[number] = VersionStatus(
-            number,
-            "ready",
-            architecture=spec.architecture,
-            device=deployment.classifier.device.type,
-            engine=deployment.classifier.engine.name,
-            accuracy=spec.metrics.accuracy,
-            load_seconds=round(deployment.load_seconds, 4),
-            loaded_at=deployment.loaded_at,
-            error=entry.failures.get(number),
-        )
+def version_status(version: VersionState) -> VersionStatus:
+    serving = version.serving
+    if serving is None:  # a version loading again shows no error until this load ends
+        error = None if version.state == "loading" else version.reason
+        return VersionStatus(version.version, version.state, error=error)
+    return VersionStatus(
+        version.version,
+        version.state,
+        architecture=serving.architecture,
+        device=serving.device,
+        engine=serving.engine,
+        accuracy=serving.accuracy,
+        load_seconds=round(serving.load_seconds, 4),
+        loaded_at=serving.loaded_at,
+        error=version.reason,
+    )
+
+
+def model_status(model: ModelState) -> ModelStatus:
     return ModelStatus(
-        name=entry.name,
-        ready=bool(entry.deployments),
-        serving_version=entry.serving_version(),
-        default_version=entry.default_version,
-        aliases=dict(entry.aliases),
-        versions=[versions[v] for v in sorted(versions)],
+        name=model.name,
+        ready=model.ready,
+        serving_version=model.serving_version,
+        default_version=model.default_version,
+        aliases=dict(model.aliases),
+        versions=[version_status(v) for v in model.versions.values()],
     )
 
 
@@ -94,8 +94,8 @@ def model_card(deployment: Deployment) -> ModelCard:
 
 @get("/models", summary="Every model and version with its status")
 async def list_models(runtime: RuntimeDep) -> ModelList:
-    catalog = runtime.catalog
-    return ModelList([model_status(catalog.models[name]) for name in sorted(catalog.models)])
+    models = runtime.catalog.status().models
+    return ModelList([model_status(models[name]) for name in sorted(models)])
 
 
 @get("/models/{name:str}", summary="Model card of the serving version", responses=CARD_PROBLEMS)

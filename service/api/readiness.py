@@ -17,14 +17,13 @@ from service.errors import ModelNotReadyError, ShuttingDownError
     responses=problems(503),
 )
 async def ready(runtime: RuntimeDep, requests: RequestsDep) -> Health:
-    catalog = runtime.catalog
+    status = runtime.catalog.status()
     models = {
-        name: bool(catalog.models.get(name) and catalog.models[name].deployments)
-        for name in catalog.configured
+        name: name in status.models and status.models[name].ready for name in status.configured
     }
     if requests.draining:
         raise ShuttingDownError("shutting down: finishing admitted requests", retry_after=1)
-    if not catalog.ready:
+    if not status.ready:
         waiting = [name for name, ok in models.items() if not ok] or ["the store scan"]
         raise ModelNotReadyError(f"not ready: waiting for {', '.join(waiting)}", retry_after=1)
     return Health("ready", models)

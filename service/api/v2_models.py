@@ -33,8 +33,8 @@ async def model_metadata(
     runtime: RuntimeDep, name: FromPath[str], version: FromPath[str | None] = None
 ) -> ModelMetadata:
     deployment = runtime.catalog.resolve(name, version)
-    entry = runtime.catalog.entry(name)
-    return _metadata(deployment, [str(v) for v in sorted(entry.deployments)])
+    model = runtime.catalog.status().models[deployment.classifier.name]
+    return _metadata(deployment, [str(v) for v in model.loaded])
 
 
 @get(["/v2/models/{name:str}/ready", "/v2/models/{name:str}/versions/{version:str}/ready"],

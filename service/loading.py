@@ -1,0 +1,187 @@
+"""Loader: brings versions from the store into the catalog and takes them out again.
+
+A version serves only after it was verified, loaded, given its engine and warmed up; a failed
+load is recorded in the catalog with its reason and never replaces a working version. Which
+version a request reaches is the catalog's business, not the loader's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import Executor
+
+import torch
+
+from service import metrics
+from service.batching import Batcher
+from service.catalog import Catalog, Deployment
+from service.classifier import Classifier
+from service.config import Settings
+from service.convolution import conv_layers
+from service.engines import select_engine
+from service.errors import ModelLoadError, ServiceError
+from service.inference import Route
+from service.memory import return_freed_memory
+from service.store import ModelStore
+
+log = logging.getLogger("convserve.catalog")  # the name its lines always had
+
+
+def route_of(classifier: Classifier) -> Route:
+    """What the request path needs of a version, in whichever process it runs."""
+    spec = classifier.spec
+    return Route(
+        name=classifier.name,
+        version=classifier.version,
+        input=spec.input,
+        labels=list(spec.labels),
+        heatmap_layer=spec.heatmap_layer,
+        layers=list(classifier.layers),
+        conv_layers=list(conv_layers(classifier)),
+        grid_cells=max((p.shape[1] * p.shape[2] for p in classifier.layers.values()), default=0),
+    )
+
+
+def warm_up_sizes(max_batch_size: int) -> list[int]:
+    """Every batch size the batcher can form: 1 .. max_batch_size."""
+    return list(range(1, max_batch_size + 1))
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CONVSERVE_DEVICE=cuda but torch sees no CUDA device")
+    return torch.device(choice)
+
+
+class Loader:
+    """Loads versions from the store on its own thread and retires the ones replaced."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: ModelStore,
+        catalog: Catalog,
+        device: torch.device,
+        inference: Executor,
+        thread: Executor,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.catalog = catalog
+        self.device = device
+        self.inference = inference
+        self.thread = thread
+
+    async def load_store(self) -> None:
+        """Load every version of every configured model; failures are recorded, not raised."""
+        names = list(self.settings.models) or self.store.names()
+        self.catalog.configure(names)
+        for name in names:
+            metrics.MODEL_LOAD_FAILURES.labels(name)  # the series exists from the start, at zero
+            self.catalog.add(name)
+            versions = self.store.versions(name) if name in self.store.names() else []
+            if not versions:
+                log.error("model %s: no versions in the store %s", name, self.store.root)
+            for version in versions:
+                # a refusal is recorded in the catalog and logged by load()
+                with contextlib.suppress(ModelLoadError, ServiceError):
+                    await self.load(name, version)
+        self.catalog.mark_started()
+
+    async def load(self, name: str, version: int) -> Deployment:
+        """Load (or reload) one version; a running one serves until the new one is ready.
+
+        On failure the reason is recorded (GET /models shows it) and ModelLoadError raised;
+        whatever served before keeps serving.
+        """
+        loop = asyncio.get_running_loop()
+        with self.catalog.loading(name, version):  # ConflictError while it already loads
+            metrics.MODEL_LOAD_FAILURES.labels(name)
+            try:
+                classifier, seconds = await loop.run_in_executor(
+                    self.thread, self._build, name, version
+                )
+            except (ModelLoadError, ServiceError) as exc:
+                reason = exc.reason if isinstance(exc, ModelLoadError) else exc.detail
+                self.catalog.record_failure(name, version, reason)
+                metrics.MODEL_LOAD_FAILURES.labels(name).inc()
+                log.error("model %s v%d refused: %s", name, version, reason)
+                raise
+        if self.settings.warmup:  # once on the serving thread too: torch sets up state per thread
+            await loop.run_in_executor(self.inference, classifier.warm_up, [1])
+        batcher = self._batcher(classifier)
+        deployment = Deployment(classifier, batcher, route_of(classifier), seconds)
+        batcher.start()
+        old = self.catalog.install(deployment)  # new requests go to the new one
+        labels = (name, str(version), classifier.spec.architecture, self.device.type)
+        metrics.MODEL_INFO.labels(*labels).set(1)
+        metrics.MODEL_LOAD.labels(name, str(version)).set(seconds)
+        log.info("model %s v%d ready on %s in %.2fs", name, version, self.device.type, seconds)
+        if old is not None:
+            await self._retire(old)
+        return deployment
+
+    async def unload(self, name: str, version: int) -> None:
+        """Stop routing to a version, let its queue finish, then free it."""
+        deployment = self.catalog.remove(name, version)
+        arch = deployment.classifier.spec.architecture
+        metrics.MODEL_INFO.labels(name, str(version), arch, self.device.type).set(0)
+        await self._retire(deployment)
+        log.info("model %s v%d unloaded", name, version)
+
+    async def stop(self) -> None:
+        for deployment in self.catalog.deployments():
+            await deployment.batcher.drain()
+            await deployment.batcher.stop()
+
+    def _batch_size(self, classifier: Classifier) -> int:
+        overrides = classifier.spec.batching
+        return (overrides and overrides.max_batch_size) or self.settings.max_batch_size
+
+    def _build(self, name: str, version: int) -> tuple[Classifier, float]:
+        """Runs on the loader thread: verify, load, warm up at every batch size it will serve."""
+        started = time.perf_counter()
+        classifier = self.store.load(name, version, self.device)
+        policy = classifier.spec.engine or self.settings.engine
+        if self.device.type != "cpu":
+            policy = "torch"  # the ONNX engine here is ONNX Runtime's CPU provider
+        classifier.engine = select_engine(
+            classifier.module,
+            classifier.torch_engine,
+            classifier.input_shape,
+            self.store.path(name, version),
+            classifier.spec.sha256,
+            policy,
+            self.settings.threads,
+            min(8, self._batch_size(classifier)),
+        )
+        if self.settings.warmup:
+            classifier.warm_up(warm_up_sizes(self._batch_size(classifier)))
+        return classifier, time.perf_counter() - started
+
+    def _batcher(self, classifier: Classifier) -> Batcher:
+        overrides = classifier.spec.batching
+        delay_ms = self.settings.max_delay_ms
+        if overrides and overrides.max_delay_ms is not None:
+            delay_ms = overrides.max_delay_ms
+        return Batcher(
+            classifier,
+            self.inference,
+            max_batch_size=self._batch_size(classifier),
+            max_delay_s=delay_ms / 1000.0,
+            max_queue=self.settings.max_queue,
+        )
+
+    async def _retire(self, deployment: Deployment) -> None:
+        """Let queued requests finish on the old version, then free it."""
+        await deployment.batcher.drain()
+        await deployment.batcher.stop()
+        deployment.classifier.release()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return_freed_memory()

@@ -22,7 +22,8 @@ def create_app(settings: Settings, *, start_when_loaded: bool = False) -> Litest
     `start_when_loaded` finishes start-up only once the models are loaded.
     """
     runtime = Runtime(settings)
-    requests = Requests(settings, LocalModels(runtime.catalog))
+    models = LocalModels(runtime.catalog)
+    requests = Requests(settings, models)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -34,6 +35,7 @@ def create_app(settings: Settings, *, start_when_loaded: bool = False) -> Litest
             yield
         finally:
             requests.stop()
+            await models.stop()
             await runtime.stop()
 
     return build_app(

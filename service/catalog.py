@@ -290,6 +290,8 @@ class Catalog:
         if self.default_model:
             return self.default_model
         loaded = sorted(self._models) or sorted(self._configured)
+        if not loaded and not self._started:  # the store scan has not named any model yet
+            raise ModelNotReadyError("models are still loading", retry_after=2)
         if not loaded:
             raise ModelNotFoundError(f"no models are loaded from {self.store_root}")
         return loaded[0]

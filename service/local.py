@@ -14,6 +14,7 @@ from service.batching import Admission
 from service.catalog import Catalog, Deployment
 from service.convolution import layer_maps_json
 from service.inference import Answer, Explain, Route, Ticket
+from service.memory import Trimmer
 
 
 @dataclass(eq=False)
@@ -31,6 +32,8 @@ def _local(ticket: Ticket) -> LocalTicket:
 class LocalModels:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
+        # gradients and layer maps: much memory, given back once such answers go quiet
+        self.trimmer = Trimmer()
 
     @property
     def ready(self) -> bool:
@@ -59,17 +62,24 @@ class LocalModels:
         local = _local(ticket)
         batcher = local.deployment.batcher
         jobs = batcher.submit(local.admission, arrays, deadline, explain, target)
-        return await batcher.results(jobs, deadline)
+        try:
+            return await batcher.results(jobs, deadline)
+        finally:
+            if explain is not None:
+                self.trimmer.soon()
 
     async def open_layer(
         self, ticket: Ticket, array: np.ndarray, layer: str, deadline: float
     ) -> bytes:
         local = _local(ticket)
         work = partial(layer_maps_json, local.deployment.classifier, array, layer)
-        return await local.deployment.batcher.run_alone(local.admission, work, deadline)
+        try:
+            return await local.deployment.batcher.run_alone(local.admission, work, deadline)
+        finally:
+            self.trimmer.soon()
 
     async def start(self) -> None:
         return None
 
     async def stop(self) -> None:
-        return None
+        self.trimmer.cancel()

@@ -26,7 +26,7 @@ class Trimmer:
     have gone quiet for `quiet_s`: a burst of them left about 300 MB in the resident size of a
     resnet18 server until the process ended (docs/reliability.md)."""
 
-    def __init__(self, executor: Executor, quiet_s: float = 1.0) -> None:
+    def __init__(self, executor: Executor | None = None, quiet_s: float = 1.0) -> None:
         self.executor = executor
         self.quiet_s = quiet_s
         self._timer: asyncio.TimerHandle | None = None

@@ -267,6 +267,7 @@ class ModelHost:
             try:
                 yield
             finally:
+                await self.models.stop()
                 await self.runtime.stop()
 
         self.app = build_app(

@@ -25,6 +25,7 @@ CAP = 16
 FAST = {"CONVSERVE_MODELS": "digits", "CONVSERVE_WARMUP": "0"}
 LIMITED = {
     **FAST,
+    "CONVSERVE_WORKERS": "1",  # the connection cap is per worker: one worker holds them all
     "CONVSERVE_HEADER_TIMEOUT_S": str(TIMEOUT_S),
     "CONVSERVE_MAX_CONNECTIONS": str(CAP),
 }  # header count, header bytes and request line keep their defaults: 100, 64 KiB, 8 KiB

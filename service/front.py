@@ -178,8 +178,8 @@ def create_front_app(
         metrics.READY.set(0)
         await link.start()
         await requests.start()
-        if wait_for_models:
-            await link.wait_ready()
+        if wait_for_models:  # until the model process is ready, or a signal says stop
+            await link.wait_ready(lambda: requests.draining)
         try:
             yield
         finally:

@@ -92,8 +92,8 @@ class RemoteModels:
         if self._writer is not None:
             self._writer.close()
 
-    async def wait_ready(self) -> None:
-        while not self.ready:
+    async def wait_ready(self, stop: Callable[[], bool]) -> None:
+        while not self.ready and not stop():
             await asyncio.sleep(RECONNECT_S)
 
     # ---- the connection ---------------------------------------------------------------------

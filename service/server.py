@@ -49,6 +49,8 @@ class DrainingServer(uvicorn.Server):
             self.drain_earliest = now + settings.drain_delay_s
             self.requests.begin_drain()
             return
+        if not self.requests.draining:  # still starting: a start-up that waits gives up
+            self.requests.begin_drain()
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True
         self.should_exit = True

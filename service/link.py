@@ -73,6 +73,7 @@ class RemoteModels:
         self.models_ready = False
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._abandoned: dict[int, tuple[int, int]] = {}  # call -> arena slot, until its reply
         self._ids = itertools.count(1)
         self._connection = 0
         self._task: asyncio.Task[None] | None = None
@@ -129,6 +130,9 @@ class RemoteModels:
                     if not future.done():
                         future.set_exception(ModelNotReadyError(DOWN, retry_after=1))
                 self._pending.clear()
+                for slot in self._abandoned.values():  # nobody writes into them any more
+                    self.arena.release(*slot)
+                self._abandoned.clear()
                 self.on_status()
             log.warning("lost the model process; reconnecting")
 
@@ -139,6 +143,9 @@ class RemoteModels:
                 future = self._pending.pop(reply.id, None)
                 if future is not None and not future.done():
                     future.set_result(reply)
+                abandoned = self._abandoned.pop(reply.id, None)
+                if abandoned is not None:  # its caller gave up; the process is done with it
+                    self.arena.release(*abandoned)
 
     async def _poll_status(self) -> None:
         while True:
@@ -170,13 +177,15 @@ class RemoteModels:
             raise
         self._pending[number] = future
         try:
-            reply = await asyncio.shield(future)
+            reply = await future
         except asyncio.CancelledError:
-            if slot is not None:
-                future.add_done_callback(lambda _: self.arena.release(*slot))
-            if not future.done():
+            if self._pending.pop(number, None) is not None:  # no reply yet: tell the process
+                if slot is not None:
+                    self._abandoned[number] = slot
                 with contextlib.suppress(ModelNotReadyError):
                     self._send(Call(0, Cancel(number)))
+            elif slot is not None:
+                self.arena.release(*slot)
             raise
         if reply.failure is not None:
             raise_failure(reply.failure)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import uvloop
 from litestar import Litestar
 
 from service.api.framework import build_app
@@ -94,6 +95,8 @@ class Session:
                         task.cancel()
                 elif isinstance(body, Release):
                     await self._release(body.ticket)
+                elif isinstance(body, (Resolve, Admit, Status)):
+                    await self._answer(call)  # never suspends: no task for these
                 else:
                     task = asyncio.create_task(self._answer(call))
                     self.calls[call.id] = task
@@ -325,7 +328,7 @@ class ModelHost:
 def main(argv: list[str]) -> int:
     settings = Settings.from_env(json.loads(argv[0]))
     configure_logging(settings.log_format, settings.log_level)
-    asyncio.run(ModelHost(settings, Path(argv[1])).serve())
+    uvloop.run(ModelHost(settings, Path(argv[1])).serve())  # as the workers' uvicorn runs
     return 0
 
 

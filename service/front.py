@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
 
-import msgspec
 from litestar import Litestar, Request, Response, get
 from litestar.exceptions import HTTPException, NotFoundException
 from litestar.types import ASGIApp, Receive, Scope, Send
@@ -39,7 +38,7 @@ from service.errors import (
 from service.inference import Requests
 from service.link import DOWN, RemoteModels
 from service.logs import configure_logging
-from service.problems import PROBLEM_BASE, PROBLEM_TYPE, Problem
+from service.problems import PROBLEM_TYPE, problem_json
 from service.server import serve_front
 
 ARENA_BYTES = 1 << 30  # shared memory per worker; only what requests in flight write is backed
@@ -144,15 +143,7 @@ async def _read(receive: Receive, limit: int) -> bytes:
 
 
 async def _problem(send: Send, exc: ServiceError, path: str) -> None:
-    body = msgspec.json.encode(
-        Problem(
-            type=PROBLEM_BASE + exc.slug,
-            title=exc.title,
-            status=exc.status_code,
-            detail=exc.detail,
-            instance=path,
-        )
-    )
+    body = problem_json(exc.status_code, exc.title, exc.slug, exc.detail, path)
     headers = [(b"content-type", PROBLEM_TYPE.encode()), (b"content-length", b"%d" % len(body))]
     headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
     if exc.retry_after is not None:

@@ -171,6 +171,14 @@ class Classified:
     prepared: list[PreparedImage | None]  # decoded images, None for arrays sent as they are
 
 
+def _moved(first: Route, admitted: Route) -> bool:
+    """Whether the version admitted is not the one routed to before the body was read (a swap
+    or a reload landed meanwhile): cheap fields only, not the label lists."""
+    return (first.name, first.version) != (admitted.name, admitted.version) or (
+        first.input != admitted.input
+    )
+
+
 class Requests:
     """The request path of one HTTP process: decoding, drain state, and the models."""
 
@@ -265,7 +273,7 @@ class Requests:
         before it costs a decode, and a forming batch knows these images are coming."""
         async with self.models.admit(first.name, version, len(items)) as ticket:
             route = ticket.route
-            if route != first:
+            if _moved(first, route):
                 check(route)
                 if route.input != first.input and any(
                     isinstance(item, np.ndarray) for item in items
@@ -302,7 +310,7 @@ class Requests:
         the version's queue (so retiring the version waits for it)."""
         async with self.models.admit(first.name, version, 1) as ticket:
             route = ticket.route
-            if route != first:
+            if _moved(first, route):
                 check(route)
             (prepared,) = await self.prepare(route, [image], deadline, keep_display=False)
             try:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
-import msgspec
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -23,7 +22,7 @@ from service.errors import (
     TooManyConnectionsError,
     UriTooLongError,
 )
-from service.problems import PROBLEM_BASE, Problem
+from service.problems import problem_json
 
 log = logging.getLogger("convserve.http")
 LINGER_S = 2.0  # after a refusal, read and drop what the client still sends, so it sees the answer
@@ -69,14 +68,7 @@ def problem_bytes(
     error: ServiceError, default_headers: list[tuple[bytes, bytes]], *, close: bool = True
 ) -> bytes:
     """A whole problem+json response, written straight to the socket by the protocol."""
-    body = msgspec.json.encode(
-        Problem(
-            type=PROBLEM_BASE + error.slug,
-            title=error.title,
-            status=error.status_code,
-            detail=error.detail,
-        )
-    )
+    body = problem_json(error.status_code, error.title, error.slug, error.detail)
     phrase = HTTPStatus(error.status_code).phrase
     status = f"HTTP/1.1 {error.status_code} {phrase}\r\n".encode("ascii")
     head = [status, *(name + b": " + value + b"\r\n" for name, value in default_headers)]

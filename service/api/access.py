@@ -14,6 +14,7 @@ from litestar import Request
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.inference import Classified
 
 log = logging.getLogger("convserve.access")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -25,6 +26,14 @@ def annotate(request: Request[Any, Any, Any], **fields: object) -> None:
     """Attach facts (model, version, batch size) to the request for its access-log line."""
     facts = cast("dict[str, Any]", request.scope).setdefault(SCOPE_KEY, {})
     facts.update(fields)
+
+
+def annotate_answer(request: Request[Any, Any, Any], classified: Classified) -> None:
+    """The version that answered (a swap may have landed while the body was read) and the
+    largest batch its images rode in."""
+    route = classified.route
+    batch_size = max(answer.batch_size for answer in classified.answers)
+    annotate(request, model=route.name, version=route.version, batch_size=batch_size)
 
 
 _PREFIX = uuid.uuid4().hex[:16]  # per process; a counter makes each id unique without a syscall

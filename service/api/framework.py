@@ -9,7 +9,6 @@ from contextlib import AbstractAsyncContextManager
 from http import HTTPStatus
 from typing import Any
 
-import msgspec
 from litestar import Litestar, Request, Response
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
@@ -22,7 +21,7 @@ from service import __version__
 from service.api.access import access_middleware
 from service.config import Settings
 from service.errors import ServiceError
-from service.problems import PROBLEM_BASE, PROBLEM_TYPE, Problem
+from service.problems import PROBLEM_TYPE, problem_json
 
 log = logging.getLogger("convserve")
 
@@ -35,19 +34,8 @@ def problem_response(
     instance: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response[bytes]:
-    # Open Inference Protocol clients look for an "error" member; RFC 9457 allows extensions
-    error = detail if instance is not None and instance.startswith("/v2") else None
-    body = Problem(
-        type=PROBLEM_BASE + slug,
-        title=title,
-        status=status,
-        detail=detail,
-        instance=instance,
-        error=error,
-    )
-    return Response(
-        msgspec.json.encode(body), status_code=status, media_type=PROBLEM_TYPE, headers=headers
-    )
+    body = problem_json(status, title, slug, detail, instance)
+    return Response(body, status_code=status, media_type=PROBLEM_TYPE, headers=headers)
 
 
 def _service_error(request: Request[Any, Any, Any], exc: ServiceError) -> Response[bytes]:

@@ -14,7 +14,7 @@ from litestar import Request, Response, post
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, QueryParameter
 
-from service.api.access import annotate
+from service.api.access import annotate, annotate_answer
 from service.api.dependencies import RequestsDep
 from service.api.hangup import unless_hung_up
 from service.api.openapi import ImageUploadOperation, problems
@@ -162,12 +162,7 @@ async def _predict(
         request, _answer(requests, first, version, uploads, deadline, method, layer, target)
     )
     route = classified.route
-    annotate(
-        request,
-        model=route.name,
-        version=route.version,
-        batch_size=max(a.batch_size for a in classified.answers),
-    )
+    annotate_answer(request, classified)
     if wants_png:  # a heatmap was drawn: method defaults to gradcam for image/png
         assert heatmaps[0] is not None
         return Response(base64.b64decode(heatmaps[0].png), media_type=PNG)

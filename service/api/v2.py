@@ -20,7 +20,7 @@ from litestar import Request, Response, Router, get, post
 from litestar.params import FromPath
 
 from service import __version__
-from service.api.access import annotate
+from service.api.access import annotate, annotate_answer
 from service.api.dependencies import RequestsDep
 from service.api.hangup import unless_hung_up
 from service.api.openapi import InferOperation, problems
@@ -122,12 +122,7 @@ async def _infer(
     work = requests.classify(first, version, parsed.items, deadline)
     classified = await unless_hung_up(request, work)
     route = classified.route
-    annotate(
-        request,
-        model=route.name,
-        version=route.version,
-        batch_size=max(a.batch_size for a in classified.answers),
-    )
+    annotate_answer(request, classified)
     probabilities = np.stack([a.probabilities for a in classified.answers])
     return InferResponse(
         model_name=route.name,

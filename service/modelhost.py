@@ -103,6 +103,8 @@ class Session:
                     task.add_done_callback(functools.partial(self._forget, call.id))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the worker went away
+        except msgspec.DecodeError as exc:  # only our workers can connect: a bug, not a client
+            log.error("a worker sent a frame that does not decode (%s); closing its link", exc)
         finally:
             for task in list(self.calls.values()):
                 task.cancel()

@@ -66,6 +66,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     CONVSERVE_HOST=0.0.0.0 \
     CONVSERVE_PORT=8000 \
     CONVSERVE_STORE=/models \
+    CONVSERVE_CACHE_DIR=/tmp/convserve \
     CONVSERVE_DRAIN_S=30
 # Numeric, so Kubernetes' runAsNonRoot can verify it without a passwd lookup.
 USER 10001:10001

@@ -42,6 +42,7 @@ from benchmarks.common import RESULTS, Server, free_port, machine, markdown_tabl
 from benchmarks.heatmaps import full_backward_grad_cam
 from benchmarks.peers import PEERS, RunningPeer
 from service.classifier import Classifier
+from service.config import default_cache
 from service.engines import Engine, OnnxEngine, ensure_onnx
 from service.imaging import DecodeLimits, prepare_image
 from service.importing import import_own, import_torchvision
@@ -140,7 +141,7 @@ def inprocess(model: Model, report: Report, sizes: tuple[int, ...] = (1, 8, 32))
     classifier = store.load(model.name, 1, CPU)
     folder = store.path(model.name, 1)
     onnx = OnnxEngine(ensure_onnx(classifier.module, classifier.input_shape, folder,
-                                  classifier.spec.sha256), None)  # fmt: skip
+                                  classifier.spec.sha256, default_cache()), None)  # fmt: skip
     for engine in (classifier.torch_engine, onnx):
         for size in sizes:
             pipeline(classifier, engine, model.body, size)  # warm

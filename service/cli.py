@@ -6,33 +6,60 @@ import argparse
 import dataclasses
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
-from service.config import HELP, Settings, SettingsError, env_name
+from service import __version__
+from service.config import (
+    HELP,
+    Settings,
+    SettingsError,
+    default_text,
+    env_name,
+    flag_name,
+    unknown_variables,
+)
+
+# The settings each command reads (None: all of them); its flags override the variables.
+APPLIES: dict[str, Collection[str] | None] = {
+    "serve": None,
+    "train": ("store",),
+    "import": ("store",),
+    "explain": ("store",),
+    "describe": (),
+}
 
 
-def _settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One --flag per settings field, overriding its CONVSERVE_* variable."""
+def _settings_flags(parser: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
+    """One --flag per settings field (all, or `names`), overriding its CONVSERVE_* variable;
+    on/off settings are switches (--watch / --no-watch)."""
     for field in dataclasses.fields(Settings):
-        flag = "--" + field.name.replace("_", "-")
-        parser.add_argument(
-            flag,
-            dest=f"setting_{field.name}",
-            metavar="VALUE",
-            help=f"{HELP[field.name]} [{env_name(field.name)}]",
-        )
+        if names is not None and field.name not in names:
+            continue
+        text = f"{HELP[field.name]} (default: {default_text(field.name)}; {env_name(field.name)})"
+        if field.type == "bool":
+            parser.add_argument(
+                flag_name(field.name),
+                dest=f"setting_{field.name}",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=text,
+            )
+        else:
+            parser.add_argument(
+                flag_name(field.name), dest=f"setting_{field.name}", metavar="VALUE", help=text
+            )
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    """Environment first, flags on top; a bad value names its variable."""
-    overrides = {
-        env_name(key.removeprefix("setting_")): str(value)
-        for key, value in vars(args).items()
-        if key.startswith("setting_") and value is not None
-    }
-    os.environ.update(overrides)  # worker processes rebuild the same settings from it
-    return Settings.from_env(os.environ)
+def settings_from(args: argparse.Namespace, only: Collection[str] | None = None) -> Settings:
+    """Environment first, flags on top; a bad value names its variable and its flag."""
+    flags = {}
+    for key, value in vars(args).items():
+        if key.startswith("setting_") and value is not None:
+            flags[key.removeprefix("setting_")] = (
+                ("1" if value else "0") if value in (True, False) else str(value)
+            )
+    return Settings.from_env(os.environ, flags=flags, only=only)
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -46,6 +73,7 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"convserve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the model store over HTTP")
@@ -75,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--holdout", type=float, default=0.2, help="fraction held out for accuracy")
     train.add_argument("--limit", type=int, default=None, help="train on the first N samples only")
-    train.add_argument("--store", type=Path, default=Settings().store)
+    _settings_flags(train, APPLIES["train"])
 
     imp = commands.add_parser(
         "import", help="write a store version of an architecture: random init or local weights"
@@ -93,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="CxHxW for small_cnn, lenet5 and plug-ins (default 3x32x32); torchvision's are fixed",
     )  # fmt: skip
     imp.add_argument("--classes", type=int, default=None, help="class count (default 10)")
-    imp.add_argument("--store", type=Path, default=Settings().store)
+    _settings_flags(imp, APPLIES["import"])
 
     describe = commands.add_parser("describe", help="print the per-layer table of an architecture")
     describe.add_argument("arch", nargs="?", help="architecture name")
@@ -109,14 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--layer", default=None, help="heatmap layer (default: the model's)")
     explain.add_argument("--target", type=int, default=None, help="class to explain (default: top)")
     explain.add_argument("-o", "--output", type=Path, required=True)
-    explain.add_argument("--store", type=Path, default=Settings().store)
+    _settings_flags(explain, APPLIES["explain"])
     return parser
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from service.preflight import check_store
     from service.server import serve
 
-    return serve(settings_from(args))
+    check_store(args.settings)
+    return serve(args.settings)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -229,7 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from service.errors import ArchitectureError, ModelLoadError, ServiceError
 
+    for line in unknown_variables(os.environ):
+        print(f"convserve {args.command}: warning: {line}", file=sys.stderr)
     try:
+        args.settings = settings_from(args, APPLIES[args.command])
+        args.store = args.settings.store
         return COMMANDS[args.command](args)
     except (SettingsError, ArchitectureError, ModelLoadError, ValueError) as exc:
         print(f"convserve {args.command}: {exc}", file=sys.stderr)

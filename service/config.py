@@ -1,28 +1,61 @@
-"""Settings: one frozen object built from CONVSERVE_* variables (and the matching CLI flags)."""
+"""Settings: one frozen object built from CONVSERVE_* variables and the matching CLI flags.
+
+Every command reads the variables that apply to it and its flags override them; a bad value
+names both spellings, and a CONVSERVE_* variable that is no setting is named with the closest
+one, because a typo that is silently ignored is a misconfiguration nobody sees.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 PREFIX = "CONVSERVE_"
-BUNDLED_STORE = Path(__file__).resolve().parent.parent / "model_store"
+# CONVSERVE_* names that are read by the project's tooling, not by the service
+TOOLING = {
+    "CONVSERVE_CHROMIUM": "the page tests' Chromium",
+    "CONVSERVE_DEBIAN_MIRROR": "the docker test's base image",
+    "CONVSERVE_IMAGE": "the docker test's image tag",
+    "CONVSERVE_WHEELHOUSE_TORCH": "the docker build's torch wheel",
+}
 FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")  # Pillow's names for what we decode
 
 
 class SettingsError(ValueError):
-    """A configuration value is invalid; the message names the variable."""
+    """A configuration value is invalid; the message names the variable and the flag."""
+
+
+def _int(text: str, rule: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(rule) from None
+
+
+def _float(text: str, rule: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise ValueError(rule) from None
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    rule = "must be a whole number >= 1"
+    value = _int(text, rule)
     if value < 1:
-        raise ValueError("must be a positive integer")
+        raise ValueError(rule)
     return value
+
+
+def default_cache() -> Path:
+    """Where derived files go when the store must not be written: $XDG_CACHE_HOME/convserve."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "convserve"
 
 
 def available_cores() -> int:
@@ -34,30 +67,34 @@ def _workers(text: str) -> int:
     """`auto` (one worker per core), or a count; 0 is the whole service in one process."""
     if text.strip().lower() == "auto":
         return available_cores()
-    value = int(text)
+    rule = "must be auto or a whole number >= 0"
+    value = _int(text, rule)
     if value < 0:
-        raise ValueError("must be auto or an integer >= 0")
+        raise ValueError(rule)
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise ValueError("must be a number >= 0")
+    rule = "must be a number >= 0"
+    value = _float(text, rule)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(rule)
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    rule = "must be a number > 0"
+    value = _float(text, rule)
     if not value > 0 or value == float("inf"):
-        raise ValueError("must be a number > 0")
+        raise ValueError(rule)
     return value
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    rule = "must be a port number 0..65535"
+    value = _int(text, rule)
     if not 0 <= value <= 65535:
-        raise ValueError("must be a port number 0..65535")
+        raise ValueError(rule)
     return value
 
 
@@ -124,7 +161,9 @@ def _optional_threads(text: str) -> int | None:
 class Settings:
     """Everything the service can be told; defaults serve the bundled models under load."""
 
-    store: Path = BUNDLED_STORE
+    store: Path = Path("model_store")
+    cache_dir: Path = dataclasses.field(default_factory=default_cache)
+    allow_empty: bool = False
     device: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -158,17 +197,31 @@ class Settings:
     max_connections: int = 1024
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from CONVSERVE_* entries; unknown or bad values name their variable."""
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        flags: Mapping[str, str] | None = None,
+        only: Collection[str] | None = None,
+    ) -> Settings:
+        """Build settings from CONVSERVE_* entries, then `flags` (field name -> text) on top;
+        `only` limits both to the fields a command uses. A bad value raises SettingsError."""
         env = os.environ if environ is None else environ
+        given = flags or {}
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
-            key = env_name(field.name)
-            if key in env:
-                try:
-                    values[field.name] = PARSERS[field.name](env[key])
-                except ValueError as exc:
-                    raise SettingsError(f"{key}={env[key]!r}: {exc}") from None
+            if only is not None and field.name not in only:
+                continue
+            key, flag = env_name(field.name), flag_name(field.name)
+            if field.name in given:
+                text, where = given[field.name], f"{flag} {given[field.name]!r} ({key})"
+            elif key in env:
+                text, where = env[key], f"{key}={env[key]!r} ({flag})"
+            else:
+                continue
+            try:
+                values[field.name] = PARSERS[field.name](text)
+            except ValueError as exc:
+                raise SettingsError(f"{where}: {exc}") from None
         return cls(**values)
 
     def to_env(self) -> dict[str, str]:
@@ -190,8 +243,37 @@ def env_name(field_name: str) -> str:
     return PREFIX + field_name.upper()
 
 
+def flag_name(field_name: str) -> str:
+    """The command-line flag for a settings field: max_batch_size -> --max-batch-size."""
+    return "--" + field_name.replace("_", "-")
+
+
+def default_text(field_name: str) -> str:
+    """A setting's default as --help shows it."""
+    if field_name == "workers":
+        return "auto"
+    if field_name == "cache_dir":
+        return "$XDG_CACHE_HOME/convserve"
+    return _text(getattr(Settings(), field_name)) or "none"
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line per CONVSERVE_* variable that is no setting, with the closest setting named."""
+    known = [env_name(field.name) for field in dataclasses.fields(Settings)]
+    lines = []
+    for key in sorted(environ):
+        if not key.startswith(PREFIX) or key in known or key in TOOLING:
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        lines.append(f"{key} is not a convserve setting and is ignored{hint}")
+    return lines
+
+
 PARSERS: dict[str, Callable[[str], Any]] = {
     "store": Path,
+    "cache_dir": Path,
+    "allow_empty": _flag,
     "device": _choice("auto", "cpu", "cuda"),
     "host": str,
     "port": _port,
@@ -226,7 +308,14 @@ PARSERS: dict[str, Callable[[str], Any]] = {
 }
 
 HELP: dict[str, str] = {
-    "store": "model store directory (default: the bundled model_store/)",
+    "store": "model store directory (relative paths from the current directory)",
+    "cache_dir": (
+        "where exported engine files go when the store lacks them (the service never writes "
+        "to its store)"
+    ),
+    "allow_empty": (
+        "start even if the store is missing or empty, or a configured model is not in it"
+    ),
     "device": "auto | cpu | cuda (auto: cuda when available)",
     "host": "address to bind",
     "port": "port to bind",

@@ -1,8 +1,11 @@
 """Inference engines: eager torch, and ONNX Runtime exported from the same torch module.
 
-The ONNX file lives beside the weights (model.onnx, with model.onnx.json recording its own
-hash and the weights' hash it came from). It is checked against torch numerically (1e-4)
-before it may serve; torch always stays loaded, for heatmaps and as the fallback.
+The ONNX file is a derived artifact: `convserve import` and `train` write it beside the weights
+(model.onnx, with model.onnx.json recording its own hash and the weights' hash it came from).
+The server never writes to its store: a version without a matching file gets one exported
+into the cache directory (CONVSERVE_CACHE_DIR), keyed by the weights' hash. It is checked
+against torch numerically (1e-4) before it may serve; torch always stays loaded, for heatmaps
+and as the fallback.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -29,7 +32,6 @@ ONNX_FILE = "model.onnx"
 ONNX_META = "model.onnx.json"
 OPSET = 18
 TOLERANCE = 1e-4
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "convserve" / "onnx"
 
 
 class Engine(Protocol):
@@ -130,27 +132,26 @@ def _valid(folder: Path, weights_sha: str) -> Path | None:
 
 
 def ensure_onnx(module: nn.Module, input_shape: tuple[int, int, int], version_folder: Path,
-                weights_sha: str) -> Path:  # fmt: skip
-    """The version's ONNX file: the stored one when it matches, else a fresh export, written
-    beside the weights or (read-only store) in a cache keyed by the weights' hash."""
+                weights_sha: str, cache: Path) -> Path:  # fmt: skip
+    """The version's ONNX file: the stored one when it matches, else the cached one, else a
+    fresh export into `cache`/onnx/<weights sha256> (never into the store)."""
     found = _valid(version_folder, weights_sha)
     if found is not None:
         return found
-    for folder in (version_folder, CACHE / weights_sha):
-        found = _valid(folder, weights_sha)
-        if found is not None:
-            return found
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".onnx-", dir=folder))
-        except OSError:
-            continue
+    folder = cache / "onnx" / weights_sha
+    found = _valid(folder, weights_sha)
+    if found is not None:
+        return found
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".onnx-", dir=folder))
+    try:
         write_onnx(module, input_shape, staging, weights_sha)
         for name in (ONNX_FILE, ONNX_META):
             (staging / name).replace(folder / name)
-        staging.rmdir()
-        return folder / ONNX_FILE
-    raise OSError(f"nowhere to write the ONNX export of {version_folder}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("%s: exported its ONNX file into the cache %s", version_folder, folder)
+    return folder / ONNX_FILE
 
 
 def check_agreement(a: Engine, b: Engine, input_shape: tuple[int, int, int]) -> float:
@@ -189,6 +190,7 @@ def select_engine(
     input_shape: tuple[int, int, int],
     version_folder: Path,
     weights_sha: str,
+    cache: Path,
     policy: str,
     threads: int | None,
     batch_size: int,
@@ -198,7 +200,7 @@ def select_engine(
     if policy == "torch":
         return torch_engine
     try:
-        path = ensure_onnx(module, input_shape, version_folder, weights_sha)
+        path = ensure_onnx(module, input_shape, version_folder, weights_sha, cache)
         onnx = OnnxEngine(path, threads)
     except Exception as exc:  # exporters and runtimes fail in many ways; torch still works
         log.warning("%s: no ONNX Runtime engine (%s); serving with torch", version_folder, exc)

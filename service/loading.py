@@ -156,6 +156,7 @@ class Loader:
             classifier.input_shape,
             self.store.path(name, version),
             classifier.spec.sha256,
+            self.settings.cache_dir,
             policy,
             self.settings.threads,
             min(8, self._batch_size(classifier)),

@@ -15,6 +15,7 @@ from service.errors import ModelNotFoundError, VersionNotFoundError
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 VERSION_PATTERN = re.compile(r"[0-9]{1,9}")  # ASCII only: str.isdigit() takes "²", int() not
+SPEC_FILE = "model.json"  # written last: a version folder holding it is complete
 ResizePolicy = Literal["stretch", "center_crop"]
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
 
@@ -26,6 +27,27 @@ def check_name(name: str) -> str:
             f"{name!r} is not a valid model name (letters, digits, '_' and '-', at most 64)"
         )
     return name
+
+
+def stored_names(root: Path) -> list[str]:
+    """Model folders in a store (no torch: the supervisor checks its store before starting)."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and NAME_PATTERN.fullmatch(p.name))
+
+
+def stored_versions(root: Path, name: str) -> list[int]:
+    """Complete versions of a model: integer directories holding model.json."""
+    folder = root / check_name(name)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        int(entry.name)
+        for entry in folder.iterdir()
+        if VERSION_PATTERN.fullmatch(entry.name)
+        and int(entry.name) > 0
+        and (entry / SPEC_FILE).is_file()
+    )
 
 
 def parse_version(text: str) -> int:

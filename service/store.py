@@ -27,18 +27,18 @@ from service.errors import (
 from service.heatmaps import heatmap_layers
 from service.registry import build_model
 from service.spec import (
-    NAME_PATTERN,
-    VERSION_PATTERN,
+    SPEC_FILE,
     InputSpec,
     ModelSpec,
     check_name,
     encode_spec,
     read_spec,
     sha256_file,
+    stored_names,
+    stored_versions,
 )
 
 log = logging.getLogger("convserve.store")
-SPEC_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
@@ -50,26 +50,11 @@ class ModelStore:
         self.root = root
 
     def names(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and NAME_PATTERN.fullmatch(p.name)
-        )
+        return stored_names(self.root)
 
     def versions(self, name: str) -> list[int]:
         """Complete versions of a model: integer directories holding model.json."""
-        folder = self.root / check_name(name)
-        if not folder.is_dir():
-            return []
-        found = []
-        for entry in folder.iterdir():
-            if (
-                VERSION_PATTERN.fullmatch(entry.name)
-                and int(entry.name) > 0
-                and (entry / SPEC_FILE).is_file()
-            ):
-                found.append(int(entry.name))
-        return sorted(found)
+        return stored_versions(self.root, name)
 
     def path(self, name: str, version: int) -> Path:
         if version not in self.versions(name):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from service.errors import ModelLoadError, ServiceError
 from service.loading import Loader
-from service.store import SPEC_FILE, WEIGHTS_FILE
+from service.spec import SPEC_FILE
+from service.store import WEIGHTS_FILE
 
 log = logging.getLogger("convserve.watch")
 Fingerprint = tuple[tuple[int, int], ...]

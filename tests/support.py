@@ -82,7 +82,9 @@ def wait_ready(
 
 
 @contextlib.contextmanager
-def running_server(tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+def running_server(
+    tmp_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> Iterator[ServerProcess]:
     """`convserve serve` as a real process on a free port; stopped (SIGKILL if need be) after."""
     port = free_port()
     log = tmp_path / f"server-{port}.log"
@@ -95,7 +97,8 @@ def running_server(tmp_path: Path, env: dict[str, str] | None = None) -> Iterato
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "service", "serve"],
-            env=environ,
+            env={**environ, "PYTHONPATH": str(ROOT)} if cwd is not None else environ,
+            cwd=cwd,
             stdout=sink,
             stderr=subprocess.STDOUT,
         )

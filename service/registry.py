@@ -10,7 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from service.errors import ArchitectureError
+from service.errors import ArchitectureError, InputMismatchError
+
+Shape = tuple[int, int, int]  # (channels, height, width)
+DEFAULT_INPUT: Shape = (3, 32, 32)  # our own architectures' default: the seed SmallCNN's
+DEFAULT_CLASSES = 10
 
 
 def conv_output_size(
@@ -50,9 +54,10 @@ def _feature_size(
         h = conv_output_size(h, kernel, stride, padding)
         w = conv_output_size(w, kernel, stride, padding)
         if h < 1 or w < 1:
-            raise ArchitectureError(
+            raise InputMismatchError(
                 f"input {size[0]}x{size[1]} is too small: the output of {layer} collapses to "
-                f"{max(h, 0)}x{max(w, 0)}"
+                f"{max(h, 0)}x{max(w, 0)}",
+                None,
             )
     return h, w
 
@@ -216,3 +221,80 @@ def build_model(name: str, arguments: dict[str, Any] | None = None) -> nn.Module
         raise ArchitectureError(
             f"{name}: cannot build with {arguments}: {exc}; valid arguments: {', '.join(valid)}"
         ) from exc
+
+
+def torchvision_weights(name: str) -> Any:
+    """The DEFAULT weights entry of a torchvision architecture (metadata only, no download)."""
+    if not get_architecture(name).torchvision:
+        raise ArchitectureError(f"{name} is not a torchvision architecture; use `convserve train`")
+    try:
+        import torchvision
+    except ImportError:
+        raise ArchitectureError(
+            f"{name} needs torchvision: pip install 'convserve[torchvision]'"
+        ) from None
+    return torchvision.models.get_model_weights(name).DEFAULT
+
+
+def default_shape(name: str) -> tuple[Shape, int]:
+    """An architecture's default input and class count, one answer for describe, import and
+    train: torchvision's from their weight metadata (the crop and categories that import
+    writes), ours the seed's 3x32x32 and 10 classes."""
+    if not get_architecture(name).torchvision:
+        return DEFAULT_INPUT, DEFAULT_CLASSES
+    weights = torchvision_weights(name)
+    crop = int(weights.transforms().crop_size[0])
+    return (3, crop, crop), len(weights.meta["categories"])
+
+
+def _shown(shape: Shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def _build_checked(arch: Architecture, shape: Shape, classes: int) -> nn.Module:
+    """Build for `shape` and run one zero image through; InputMismatchError says why not."""
+    try:
+        model = build_model(arch.name, arch.fitted_arguments(shape, classes)).eval()
+    except InputMismatchError as exc:  # ours refuse an input that collapses as they are built
+        raise InputMismatchError(f"{arch.name} cannot take {_shown(shape)}: {exc}", None) from None
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and first.in_channels != shape[0]:
+        raise InputMismatchError(
+            f"{arch.name} takes {first.in_channels}-channel input, not {_shown(shape)}", None
+        )
+    try:
+        with torch.no_grad():
+            logits = model(torch.zeros((1, *shape)))
+    except RuntimeError as exc:  # torch's words for it: too small, wrong size for a layer...
+        reason = str(exc).strip().splitlines()[0]
+        message = f"{arch.name} cannot take {_shown(shape)}: {reason}"
+        raise InputMismatchError(message, None) from None
+    if tuple(logits.shape) != (1, classes):
+        raise InputMismatchError(
+            f"{arch.name} on {_shown(shape)} gives outputs of shape {list(logits.shape)[1:]}, "
+            f"not [{classes}]",
+            None,
+        )
+    return model
+
+
+def fit_model(name: str, input_shape: Shape, classes: int) -> nn.Module:
+    """Build `name` for a CxHxW input and a class count, proven by one forward pass, so that an
+    input it cannot take is refused before any work, not halfway through training or tracing;
+    the error's `fits` is the nearest input it does take (other channels, its default size)."""
+    arch = get_architecture(name)
+    try:
+        return _build_checked(arch, input_shape, classes)
+    except InputMismatchError as exc:
+        failure = str(exc)
+    channels, height, width = input_shape
+    other = 4 - channels if channels in (1, 3) else 3  # convserve feeds grey or colour
+    default = default_shape(name)[0]
+    candidates = [(other, height, width), (channels, *default[1:]), (other, *default[1:]), default]
+    for candidate in dict.fromkeys(c for c in candidates if c != input_shape):
+        try:
+            _build_checked(arch, candidate, classes)
+        except InputMismatchError:
+            continue
+        raise InputMismatchError(failure, candidate)
+    raise InputMismatchError(failure, None)

@@ -85,13 +85,13 @@ def test_import_sizes_our_own_architectures(
     batch = torch.rand(4, 1, 28, 28)
     with torch.inference_mode():
         assert torch.equal(ours.module(batch), theirs.module(batch))
-    # the weights must fit the shape asked for, and torchvision shapes are torchvision's own
+    # the weights must fit the shape asked for, and the input must fit the network
     assert main(["import", "lenet5", "--weights", str(weights), "--classes", "5",
                  "--store", str(tmp_path)]) == 2  # fmt: skip
     assert "size mismatch" in capsys.readouterr().err
-    assert main(["import", "resnet18", "--random-init", "--input", "3x32x32",
+    assert main(["import", "resnet18", "--random-init", "--input", "1x224x224",
                  "--store", str(tmp_path)]) == 2  # fmt: skip
-    assert "from torchvision's metadata" in capsys.readouterr().err
+    assert "takes 3-channel input, not 1x224x224; --input 3x224x224 fits" in capsys.readouterr().err
     assert main(["import", "small_cnn", "--random-init", "--classes", "3", "--input", "3x64x48",
                  "--store", str(tmp_path)]) == 0  # fmt: skip
     seed = ModelStore(tmp_path).load("small_cnn", 1, device)

@@ -16,6 +16,7 @@ from service.training import (
     load_image_folder,
     load_mnist_sample,
     split,
+    stratified_sample,
     train_to_store,
 )
 
@@ -38,6 +39,21 @@ def test_split_is_seeded_and_disjoint() -> None:
     assert (held_a == held_b).all()
     assert (train_a == train_b).all()
     assert not set(held_a) & set(train_a)
+
+
+def test_limit_takes_every_digit_in_proportion() -> None:
+    """The MNIST sample is sorted by label: --limit 200 takes 20 of each digit, not 200 zeros,
+    and the seeded split of that sample trains on every digit."""
+    data = load_mnist_sample()
+    chosen = stratified_sample(data.targets, 200, seed=0)
+    assert np.bincount(data.targets[chosen]).tolist() == [20] * 10
+    assert (chosen == stratified_sample(data.targets, 200, seed=0)).all()
+    assert not (chosen == stratified_sample(data.targets, 200, seed=1)).all()
+    train_idx, _ = split(len(chosen), 0.2, seed=0)
+    assert set(data.targets[chosen][train_idx].tolist()) == set(range(10))
+    uneven = np.array([0] * 90 + [1] * 9 + [2])
+    assert np.bincount(uneven[stratified_sample(uneven, 10, seed=0)]).tolist() == [8, 1, 1]
+    assert np.bincount(uneven[stratified_sample(uneven, 99, seed=0)]).tolist() == [89, 9, 1]
 
 
 def test_training_smoke_on_a_slice_writes_a_loadable_version(tmp_path: Path) -> None:

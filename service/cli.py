@@ -38,7 +38,7 @@ APPLIES: dict[str, Collection[str] | None] = {
     "serve": None,
     "train": ("store",),
     "import": ("store",),
-    "explain": ("store",),
+    "explain": ("store", "device", "default_model", "max_pixels", "formats"),
     "describe": (),
 }
 
@@ -184,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("image", type=existing_file, help="picture (any format the server takes)")
     explain.add_argument(
-        "--model", default=None, type=model_name, help="model name (default: first in the store)"
+        "--model",
+        default=None,
+        type=model_name,
+        help="model name (default: CONVSERVE_DEFAULT_MODEL, else the first in the store)",
     )
     explain.add_argument(
         "--version", type=positive_int, default=None, help="version (default: the highest)"
@@ -348,7 +351,7 @@ def _explain(args: argparse.Namespace) -> int:
 
     print(
         explain_file(
-            args.store,
+            args.settings,
             args.image,
             args.output,
             model=args.model,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from service.config import Settings
 from service.errors import (
     ModelNotFoundError,
     ServiceError,
@@ -16,8 +17,6 @@ from service.imaging import DecodeLimits, configure_decoding, prepare_image
 from service.loading import resolve_device
 from service.overlay import overlay_png
 from service.store import ModelStore
-
-MAX_PIXELS = 40_000_000
 
 
 def resolve(store: ModelStore, model: str | None, version: int | None) -> tuple[str, int]:
@@ -47,7 +46,7 @@ def resolve(store: ModelStore, model: str | None, version: int | None) -> tuple[
 
 
 def explain_file(
-    store_root: Path,
+    settings: Settings,
     image: Path,
     output: Path,
     *,
@@ -57,22 +56,24 @@ def explain_file(
     layer: str | None,
     target: int | None,
 ) -> str:
-    """Write the overlay PNG; return a one-line summary with the top class."""
+    """Write the overlay PNG; return a one-line summary with the top class. The store, device,
+    default model and decode limits are the server's settings (CONVSERVE_* or flags)."""
     if target is not None and method != "gradcam":
         raise ValueError(f"--target explains one class with gradcam; {method} maps take none")
-    store = ModelStore(store_root)
-    name, number = resolve(store, model, version)
-    classifier = store.load(name, number, resolve_device("auto"))
+    store = ModelStore(settings.store)
+    name, number = resolve(store, model or settings.default_model, version)
+    classifier = store.load(name, number, resolve_device(settings.device))
     classes = len(classifier.labels)
     if target is not None and target >= classes:
         raise ValueError(
             f"--target {target} is not a class of {name} v{number}: its {classes} classes "
             f"are 0..{classes - 1}"
         )
-    configure_decoding(MAX_PIXELS)  # one image in a one-shot process: the global is ours
+    configure_decoding(settings.max_pixels)  # one image in a one-shot process: the global is ours
+    limits = DecodeLimits(settings.max_pixels, settings.formats)
     try:
         prepared = prepare_image(
-            image.read_bytes(), classifier.spec.input, DecodeLimits(MAX_PIXELS), keep_display=True
+            image.read_bytes(), classifier.spec.input, limits, keep_display=True
         )
     except ServiceError as exc:  # undecodable, too large, a format not allowed
         raise UnreadableFileError(f"{image}: {exc.detail}") from None

@@ -159,9 +159,13 @@ def test_import_train_and_explain_read_the_store_from_the_environment(tmp_path: 
     assert (store / "trained" / "1" / "model.onnx").is_file()  # derived files come with it
     output = tmp_path / "out.png"
     image = str(ROOT / "docs" / "examples" / "digit-4.jpg")
-    explained = run(["explain", image, "--model", "trained", "-o", str(output)], env)
+    chosen = {**env, "CONVSERVE_DEFAULT_MODEL": "trained"}  # not the first name in the store
+    explained = run(["explain", image, "-o", str(output)], chosen)
     assert explained.returncode == 0, explained.stderr
     assert explained.stdout.startswith("trained v1")
+    pngs_only = run(["explain", image, "-o", str(output)], {**chosen, "CONVSERVE_FORMATS": "PNG"})
+    assert pngs_only.returncode == 1
+    assert "CONVSERVE_FORMATS" in pngs_only.stderr
     assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (BUNDLED_STORE / "trained").exists()
     assert not (BUNDLED_STORE / "imported").exists()

@@ -393,6 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CommandError, ModelLoadError, OSError) as exc:
         print(f"convserve {args.command}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C mid-training: nothing was written (versions land last)
+        print(f"convserve {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

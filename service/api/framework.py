@@ -19,6 +19,7 @@ from litestar.types import ControllerRouterHandler
 
 from service import __version__
 from service.api.access import access_middleware
+from service.api.viewer import render_plugins
 from service.config import Settings
 from service.errors import ServiceError
 from service.problems import PROBLEM_TYPE, problem_json
@@ -117,6 +118,7 @@ def build_app(
             version=__version__,
             description="Image classification for CNNs with batching, heatmaps and metrics.",
             path="/schema",
+            render_plugins=render_plugins(),
             components=Components(
                 security_schemes={"apiKey": SecurityScheme(type="http", scheme="bearer")}
             ),

@@ -7,8 +7,9 @@ from litestar.types import ControllerRouterHandler
 
 
 def request_routes() -> list[ControllerRouterHandler]:
-    """Predictions, V2 inference, the explorer, liveness, metrics and the pages."""
-    from service.api import explorer, health, pages, predict, v2
+    """Predictions, V2 inference, the explorer, liveness, metrics, the pages and the files of
+    the /schema viewer."""
+    from service.api import explorer, health, pages, predict, v2, viewer
 
     return [
         predict.predict,
@@ -20,6 +21,7 @@ def request_routes() -> list[ControllerRouterHandler]:
         pages.index,
         pages.dashboard,
         pages.assets,
+        viewer.asset,
     ]
 
 

@@ -57,3 +57,24 @@ def test_real_server_is_ready_within_ten_seconds(tmp_path: Path) -> None:
         assert response.headers["x-request-id"]
         models = httpx.get(f"{server.url}/models").json()["models"]
         assert [m["name"] for m in models] == ["digits", "lenet5"]
+
+
+STABLE_GETS = ["/health/live", "/health/ready", "/models", "/models/digits", "/models/lenet5/1",
+               "/v2", "/v2/health/ready", "/v2/models/digits", "/", "/dashboard", "/static/page.js",
+               "/schema", "/schema/openapi.json", "/schema/assets/swagger-ui.css"]  # fmt: skip
+
+
+async def test_head_answers_wherever_get_does(client: httpx.AsyncClient) -> None:
+    """The GET's status and headers, no body; where GET is not routed, HEAD is not either."""
+    for path in [*STABLE_GETS, "/metrics"]:
+        got, head = await client.get(path), await client.head(path)
+        assert (head.status_code, got.status_code) == (200, 200), path
+        assert head.content == b"", path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+        if path != "/metrics":  # its body grows with every request
+            assert head.headers["content-length"] == got.headers["content-length"], path
+    refused = await client.head("/predict")
+    assert (refused.status_code, refused.content) == (405, b"")
+    assert "POST" in refused.headers["allow"]
+    assert "GET" not in refused.headers["allow"]
+    assert (await client.head("/nope")).status_code == 404

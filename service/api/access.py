@@ -19,6 +19,7 @@ from service.inference import Classified
 log = logging.getLogger("convserve.access")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 SCOPE_KEY = "convserve"
+CLIENT_METHOD = "convserve.method"  # the method sent, where the app answers it as another (HEAD)
 PREDICTION_PATHS = re.compile(r"^(/predict|/models/[^/]+/predict|/v2/models/.+/infer)$")
 
 
@@ -101,7 +102,7 @@ def _log(scope: dict[str, Any], facts: dict[str, Any], status: int, elapsed: flo
         return
     record = {
         "request_id": facts["request_id"],
-        "method": scope["method"],
+        "method": scope.get(CLIENT_METHOD, scope["method"]),
         "path": scope["path"],
         "status": status,
         "latency_ms": round(elapsed * 1000, 2),

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 from litestar import Litestar, Request, Response
 from litestar.di import Provide
@@ -15,10 +15,10 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.types import ControllerRouterHandler
+from litestar.types import ControllerRouterHandler, Message, Scope, Send
 
 from service import __version__
-from service.api.access import access_middleware
+from service.api.access import CLIENT_METHOD, access_middleware
 from service.api.viewer import render_plugins
 from service.config import Settings
 from service.errors import ServiceError
@@ -82,6 +82,29 @@ def _unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Respon
     )
 
 
+class Service(Litestar):
+    """Litestar, answering HEAD wherever GET is routed: the GET's status and headers, no body
+    (RFC 9110 9.3.2, as Starlette and Django do). Litestar routes HEAD only to handlers declared
+    for it, so health checks and probes that send HEAD got 405."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await super().__call__(scope, receive, send)
+            return
+        # a copy: the server's own scope still says HEAD, so it sends no body either
+        as_get = {**scope, "method": "GET", CLIENT_METHOD: "HEAD"}
+        await super().__call__(cast("Scope", as_get), receive, _without_body(send))
+
+
+def _without_body(send: Send) -> Send:
+    async def send_head(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = cast("Message", {**message, "body": b""})
+        await send(message)
+
+    return send_head
+
+
 def build_app(
     settings: Settings,
     handlers: Sequence[ControllerRouterHandler],
@@ -97,7 +120,7 @@ def build_app(
     middleware = (
         [] if draining is None else [DefineMiddleware(access_middleware, draining=draining)]
     )
-    app = Litestar(
+    app = Service(
         route_handlers=list(handlers),
         dependencies={
             key: Provide(_constant(value), sync_to_thread=False) for key, value in provided.items()

@@ -44,4 +44,5 @@ def create_app(settings: Settings, *, start_when_loaded: bool = False) -> Litest
         {"runtime": runtime, "requests": requests},
         lifespan,
         draining=lambda: requests.draining,
+        resolve=models.route,
     )

@@ -182,7 +182,9 @@ def create_front_app(
         settings, [*request_routes(), ready], {"requests": requests}, lifespan, None, openapi=False
     )
     app = access_middleware(
-        cast("ASGIApp", Dispatch(local, requests)), draining=lambda: requests.draining
+        cast("ASGIApp", Dispatch(local, requests)),
+        draining=lambda: requests.draining,
+        resolve=link.route,
     )
     return app, requests
 

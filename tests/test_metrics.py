@@ -77,6 +77,41 @@ async def test_labels_never_carry_raw_request_values(client: httpx.AsyncClient) 
     assert metric_value(text, "convserve_requests_total", model="-", status="404") >= 2
 
 
+JSON = {"content-type": "application/json"}
+REFUSED = [  # (path, headers, body, labels its 4xx counts under)
+    ("/predict?model=lenet5", PNG, b"junk", ("lenet5", "1", "400")),
+    ("/models/digits/predict", PNG, b"junk", ("digits", "1", "400")),
+    ("/predict?model=lenet5", {"content-type": "text/plain"}, b"hi", ("lenet5", "1", "415")),
+    ("/models/lenet5/predict?top_k=0", PNG, b"junk", ("lenet5", "1", "422")),  # before routing
+    ("/predict?top_k=0", PNG, b"junk", ("digits", "1", "422")),  # the default model
+    ("/predict?model=digits&heatmap=gradcam&layer=fc9", PNG, b"junk", ("digits", "1", "404")),
+    ("/predict?model=digits&version=7", PNG, b"junk", ("digits", "-", "404")),
+    ("/v2/models/lenet5/infer", JSON, b"{}", ("lenet5", "1", "400")),
+    ("/v2/models/lenet5/versions/8/infer", JSON, b"{}", ("lenet5", "-", "404")),
+    ("/predict?model=nosuch", PNG, b"junk", ("-", "-", "404")),
+]
+
+
+def counted(text: str, labels: tuple[str, str, str]) -> float:
+    model, version, status = labels
+    return metric_value(
+        text, "convserve_requests_total", model=model, version=version, status=status
+    )
+
+
+async def test_a_known_models_4xx_counts_under_its_name(client: httpx.AsyncClient) -> None:
+    """Refusals before or after routing; an unknown version of a known model under the model
+    with version "-"; an unknown model stays "-"."""
+    before = (await client.get("/metrics")).text
+    for path, headers, body, labels in REFUSED:
+        response = await client.post(path, content=body, headers=headers)
+        assert response.status_code == int(labels[2]), (path, response.text)
+    after = (await client.get("/metrics")).text
+    for labels in {labels for *_, labels in REFUSED}:
+        sent = sum(1 for *_, other in REFUSED if other == labels)
+        assert counted(after, labels) - counted(before, labels) == sent, labels
+
+
 async def test_openmetrics_when_asked(client: httpx.AsyncClient) -> None:
     response = await client.get("/metrics", headers={"accept": "application/openmetrics-text"})
     assert response.headers["content-type"].startswith("application/openmetrics-text")

@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
+from urllib.parse import parse_qs
 
 from litestar import Request
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.inference import Classified
+from service.errors import ServiceError
+from service.inference import Classified, Route
 
 log = logging.getLogger("convserve.access")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 SCOPE_KEY = "convserve"
 CLIENT_METHOD = "convserve.method"  # the method sent, where the app answers it as another (HEAD)
-PREDICTION_PATHS = re.compile(r"^(/predict|/models/[^/]+/predict|/v2/models/.+/infer)$")
+PREDICTION_PATHS = re.compile(
+    r"^(/predict|/models/(?P<name>[^/]+)/predict"
+    r"|/v2/models/(?P<v2>[^/]+)(/versions/(?P<version>[^/]+))?/infer)$"
+)
+Resolve = Callable[[str | None, str | None], Awaitable[Route]]
+"""Models.route: the version a model name and version (or alias) route to."""
 
 
 def annotate(request: Request[Any, Any, Any], **fields: object) -> None:
@@ -50,11 +58,35 @@ def _request_id(scope: Scope) -> str:
     return f"{_PREFIX}{next(_COUNTER):016x}"
 
 
-def access_middleware(app: ASGIApp, draining: Callable[[], bool] = lambda: False) -> ASGIApp:
+async def name_refused(
+    resolve: Resolve, scope: dict[str, Any], path: re.Match[str], facts: dict[str, Any]
+) -> None:
+    """The model (and version) of a prediction refused before its route annotated it (a bad
+    query value, an unknown version), so its 4xx counts under the model's name. Only names the
+    catalog knows become labels, never the raw value sent."""
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    name = path["name"] or path["v2"] or next(iter(query.get("model", [])), None)
+    version = path["version"] or next(iter(query.get("version", [])), None)
+    try:
+        route = await resolve(name, version)
+        facts.update(model=route.name, version=route.version)
+        return
+    except ServiceError:
+        if version is None:
+            return
+    with contextlib.suppress(ServiceError):  # a known model, asked for a version it lacks
+        route = await resolve(name, None)
+        facts.update(model=route.name, version=metrics.UNKNOWN)
+
+
+def access_middleware(
+    app: ASGIApp, draining: Callable[[], bool] = lambda: False, resolve: Resolve | None = None
+) -> ASGIApp:
     """Echo or mint X-Request-ID, log one line per request, count prediction outcomes.
 
     While the server drains, responses say `Connection: close`, so clients open a new
-    connection (to another instance) instead of reusing this one as it goes away.
+    connection (to another instance) instead of reusing this one as it goes away. `resolve`
+    names the model of a prediction refused with a 4xx before its route did.
     """
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
@@ -66,12 +98,16 @@ def access_middleware(app: ASGIApp, draining: Callable[[], bool] = lambda: False
         request_id = _request_id(scope)
         facts: dict[str, Any] = {"request_id": request_id}
         raw[SCOPE_KEY] = facts
-        predicting = bool(PREDICTION_PATHS.match(raw["path"])) and raw["method"] == "POST"
+        path = PREDICTION_PATHS.match(raw["path"])
+        predicting = path is not None and raw["method"] == "POST"
         status = 500
+        answered: float | None = None
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
+            nonlocal status, answered
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = time.perf_counter()
+            elif message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
@@ -84,8 +120,11 @@ def access_middleware(app: ASGIApp, draining: Callable[[], bool] = lambda: False
             metrics.INFLIGHT.inc()
         try:
             await app(scope, receive, send_with_id)
+            if predicting and 400 <= status < 500 and "model" not in facts and resolve:
+                assert path is not None
+                await name_refused(resolve, raw, path, facts)
         finally:
-            elapsed = time.perf_counter() - started
+            elapsed = (answered or time.perf_counter()) - started
             if predicting:
                 metrics.INFLIGHT.dec()
                 model = str(facts.get("model", metrics.UNKNOWN))

@@ -18,7 +18,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ControllerRouterHandler, Message, Scope, Send
 
 from service import __version__
-from service.api.access import CLIENT_METHOD, access_middleware
+from service.api.access import CLIENT_METHOD, Resolve, access_middleware
 from service.api.viewer import render_plugins
 from service.config import Settings
 from service.errors import ServiceError
@@ -112,13 +112,17 @@ def build_app(
     lifespan: Callable[[Litestar], AbstractAsyncContextManager[None]],
     draining: Callable[[], bool] | None,
     *,
+    resolve: Resolve | None = None,
     openapi: bool = True,
 ) -> Litestar:
     """A Litestar app with convserve's error handling. `provided` becomes its dependencies;
     `draining` None leaves out the access middleware (the model process's internal app: the
-    front worker that forwarded a request logs it)."""
+    front worker that forwarded a request logs it); `resolve` lets it name the model of a
+    refused prediction."""
     middleware = (
-        [] if draining is None else [DefineMiddleware(access_middleware, draining=draining)]
+        []
+        if draining is None
+        else [DefineMiddleware(access_middleware, draining=draining, resolve=resolve)]
     )
     app = Service(
         route_handlers=list(handlers),

@@ -74,10 +74,14 @@ def _heatmap(method: str, answer: Answer, prepared: PreparedImage | None) -> Hea
     )
 
 
-def _checker(method: str | None, layer: str | None, target: int | None) -> Callable[[Route], None]:
-    """404 for an unknown layer, 422 for a class index the model does not have."""
+def _checker(
+    request: Request[Any, Any, Any], method: str | None, layer: str | None, target: int | None
+) -> Callable[[Route], None]:
+    """404 for an unknown layer, 422 for a class index the model does not have. The version is
+    noted first, so a refusal from here on counts under its model's name."""
 
     def check(route: Route) -> None:
+        annotate(request, model=route.name, version=route.version)
         if method is not None:
             route.heatmap_point(layer)
         route.check_target(target)
@@ -86,6 +90,7 @@ def _checker(method: str | None, layer: str | None, target: int | None) -> Calla
 
 
 async def _answer(
+    request: Request[Any, Any, Any],
     requests: Requests,
     first: Route,
     version: str | None,
@@ -102,7 +107,7 @@ async def _answer(
 
     classified = await requests.classify(
         first, version, uploads, deadline, explain=explain, target=target,
-        keep_display=method is not None, check=_checker(method, layer, target),
+        keep_display=method is not None, check=_checker(request, method, layer, target),
     )  # fmt: skip
     if method is None:
         return classified, [None] * len(classified.answers)
@@ -151,15 +156,15 @@ async def _predict(
     first, uploads = await requests.route_body(
         name, version,
         partial(read_uploads, request, requests.settings, deadline),
-        _checker(method, layer, target),
+        _checker(request, method, layer, target),
     )  # fmt: skip
     if wants_png and len(uploads) != 1:
         raise NotAcceptableError(
             f"Accept: image/png returns one heatmap picture, but {len(uploads)} images were sent"
         )
-    annotate(request, model=first.name, version=first.version)
     classified, heatmaps = await unless_hung_up(
-        request, _answer(requests, first, version, uploads, deadline, method, layer, target)
+        request,
+        _answer(request, requests, first, version, uploads, deadline, method, layer, target),
     )
     route = classified.route
     annotate_answer(request, classified)

@@ -27,7 +27,7 @@ from service.api.openapi import InferOperation, problems
 from service.api.tensors import BINARY_HEADER, OUTPUT, Limits, parse_request
 from service.api.uploads import read_body
 from service.errors import ModelNotReadyError
-from service.inference import Requests
+from service.inference import Requests, Route
 
 OFF_LOOP_BYTES = 1 << 20  # bodies above this are parsed in a worker thread
 
@@ -111,8 +111,11 @@ async def _infer(
 ) -> InferResponse:
     deadline = time.monotonic() + requests.settings.deadline_s
     read = partial(read_body, request, requests.settings, deadline)
-    first, body = await requests.route_body(name, version, read)
-    annotate(request, model=first.name, version=first.version)
+
+    def routed(route: Route) -> None:  # noted before the body: its refusal counts for the model
+        annotate(request, model=route.name, version=route.version)
+
+    first, body = await requests.route_body(name, version, read, routed)
     limits = Limits(requests.settings.max_images, first.input_shape, len(first.labels))
     header_length = request.headers.get(BINARY_HEADER)
     if len(body) > OFF_LOOP_BYTES:  # decoding a large body would hold up every other request

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from litestar import get
+from litestar import Router, get
 from litestar.exceptions import NotFoundException
 from litestar.openapi.plugins import (
     JsonRenderPlugin,
@@ -52,11 +52,17 @@ async def asset(name: FromPath[str]) -> File:
                 media_type=media_type, headers=HEADERS)  # fmt: skip
 
 
+class _SwaggerUI(SwaggerRenderPlugin):
+    def receive_router(self, router: Router) -> None:
+        """No oauth2-redirect.html: the API's keys are bearer tokens, there is no OAuth2 flow
+        for a pop-up to come back from."""
+
+
 def render_plugins() -> list[OpenAPIRenderPlugin]:
     """Swagger UI at /schema over local files (Litestar's defaults load viewers from CDNs),
     and the document as JSON and YAML."""
     return [
-        SwaggerRenderPlugin(
+        _SwaggerUI(
             path=["/", "/swagger"],
             js_url=f"{ASSETS_PATH}/swagger-ui-bundle.js",
             css_url=f"{ASSETS_PATH}/swagger-ui.css",

@@ -224,6 +224,20 @@ async def test_multipart_without_files_and_empty_parts_are_400(client: Client) -
     assert_problem(response, 400, "file 1 (a.png)", "no image data")
 
 
+async def test_a_part_with_a_filename_is_an_image_whatever_its_name(client: Client) -> None:
+    """Forms that name the field otherwise (`image`, `upload`) work; fields without a file are
+    ignored (docs/reliability.md)."""
+    bodies = [png_bytes(d.image) for d in held_out_digits(2)]
+    files: list[tuple[str, tuple[str | None, bytes, str | None]]] = [
+        ("note", (None, b"ignored", None)),
+        ("image", ("a.png", bodies[0], "image/png")),
+        ("file", ("b.png", bodies[1], "image/png")),
+    ]
+    response = await client.post("/predict", files=files)
+    assert response.status_code == 200
+    assert len(response.json()["results"]) == 2
+
+
 async def copied_store(tmp_path: Path, name: str) -> Path:
     store = tmp_path / "store"
     shutil.copytree(BUNDLED_STORE / "digits", store / name)

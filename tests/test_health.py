@@ -44,6 +44,10 @@ async def test_unknown_route_is_a_problem(client: httpx.AsyncClient) -> None:
     body = response.json()
     assert body["status"] == 404
     assert "no route GET /nope" in body["detail"]
+    schema = await client.get("/schema/nope")  # Litestar's own 404 page there, replaced
+    assert schema.status_code == 404
+    assert schema.headers["content-type"] == "application/problem+json"
+    assert "/schema/openapi.json" in schema.json()["detail"]
 
 
 def test_real_server_is_ready_within_ten_seconds(tmp_path: Path) -> None:

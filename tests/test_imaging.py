@@ -152,7 +152,8 @@ def top_class(response: httpx.Response) -> int:
 def test_formats_setting_is_checked_against_pillow() -> None:
     assert Settings().formats == FORMATS == ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
     assert Settings.from_env({"CONVSERVE_FORMATS": "png, ico"}).formats == ("PNG", "ICO")
-    with pytest.raises(SettingsError, match="CONVSERVE_FORMATS='JPG,PNG': JPG: not a format"):
+    named = r"CONVSERVE_FORMATS='JPG,PNG' \(--formats\): JPG: not a format"  # variable and flag
+    with pytest.raises(SettingsError, match=named):
         Settings.from_env({"CONVSERVE_FORMATS": "JPG,PNG"})
     with pytest.raises(SettingsError, match="at least one"):
         Settings.from_env({"CONVSERVE_FORMATS": " , "})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from litestar import Router, get
+from litestar import Response, Router, get
 from litestar.exceptions import NotFoundException
 from litestar.openapi.plugins import (
     JsonRenderPlugin,
@@ -21,6 +21,8 @@ from litestar.openapi.plugins import (
 )
 from litestar.params import FromPath
 from litestar.response import File
+
+from service.problems import PROBLEM_TYPE, problem_json
 
 ASSETS_PATH = "/schema/assets"
 ASSETS = {
@@ -52,10 +54,21 @@ async def asset(name: FromPath[str]) -> File:
                 media_type=media_type, headers=HEADERS)  # fmt: skip
 
 
+async def _problem_for_html_404(response: Response[object]) -> Response[object]:
+    """Litestar answers an unknown /schema/... path with an HTML page of its own; every other
+    unknown path gets a problem, and so does this one."""
+    if response.status_code != 404 or response.media_type == PROBLEM_TYPE:
+        return response
+    detail = "no such schema view; the viewer is /schema, the document /schema/openapi.json"
+    body = problem_json(404, "Not Found", "not-found", detail)
+    return Response(body, status_code=404, media_type=PROBLEM_TYPE)
+
+
 class _SwaggerUI(SwaggerRenderPlugin):
     def receive_router(self, router: Router) -> None:
         """No oauth2-redirect.html: the API's keys are bearer tokens, there is no OAuth2 flow
-        for a pop-up to come back from."""
+        for a pop-up to come back from. Unknown views get a problem, not Litestar's page."""
+        router.after_request = _problem_for_html_404
 
 
 def render_plugins() -> list[OpenAPIRenderPlugin]:

@@ -113,7 +113,7 @@ class Classifier:
         self.layers = {}
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
-        """Run every batch size once so the first real request pays no first-call cost."""
+        """Run each of `batch_sizes` once so the first real request pays no first-call cost."""
         example = np.zeros(self.input_shape, dtype=np.float32)
         for size in batch_sizes:
             self.predict([example] * size)

@@ -338,7 +338,7 @@ HELP: dict[str, str] = {
     "log_level": "debug | info | warning | error",
     "watch": "load new versions that appear in the store",
     "watch_interval_s": "how often the store is scanned when watching",
-    "warmup": "run every served batch size once before a version takes traffic",
+    "warmup": "run a version before it takes traffic (CPU: largest batch and 1; GPU: every size)",
     "engine": "auto (the faster, measured at load) | torch | onnxruntime",
     "threads": "torch intra-op threads (default: torch's choice)",
     "decode_threads": "images one worker decodes at once, each in its own decoder process",

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from service.decisions import Decision, decision_facts, recall, remember
 from service.spec import sha256_file
 
 log = logging.getLogger("convserve.engines")
@@ -174,14 +175,34 @@ def median_ms(engine: Engine, batch: np.ndarray, repeats: int = 7) -> float:
     return statistics.median(samples)
 
 
-def faster(engines: list[Engine], input_shape: tuple[int, int, int], batch_size: int) -> Engine:
-    """The engine with the lower median batch time, measured now, on this machine."""
-    batch = np.zeros((batch_size, *input_shape), dtype=np.float32)
-    timings = {engine.name: median_ms(engine, batch) for engine in engines}
-    best = min(engines, key=lambda e: timings[e.name])
-    measured = ", ".join(f"{name} {ms:.2f} ms" for name, ms in timings.items())
-    log.info("engine auto at batch %d: %s -> %s", batch_size, measured, best.name)
-    return best
+def onnx_sha(path: Path) -> str:
+    """The ONNX file's sha256 as its (already verified) sidecar records it."""
+    return msgspec.json.decode((path.parent / ONNX_META).read_bytes(), type=OnnxMeta).sha256
+
+
+def auto_choice(torch_engine: Engine, onnx: OnnxEngine, facts: dict[str, str], cache: Path,
+                input_shape: tuple[int, int, int], batch_size: int) -> Engine | None:  # fmt: skip
+    """`auto`: the faster engine, as recorded for these exact facts or measured now (and then
+    recorded); None when the two disagree numerically."""
+    decision = recall(cache, facts)
+    if decision is None:
+        difference = check_agreement(onnx, torch_engine, input_shape)
+        timings: dict[str, float] = {}
+        engine = "torch"
+        if difference <= TOLERANCE:
+            batch = np.zeros((batch_size, *input_shape), dtype=np.float32)
+            timings = {e.name: median_ms(e, batch) for e in (torch_engine, onnx)}
+            engine = min(timings, key=lambda name: timings[name])
+        decision = Decision(facts, engine, difference, timings)
+        remember(cache, decision)
+        how = "measured"
+    else:
+        how = "recorded for this machine and these libraries"
+    if decision.difference > TOLERANCE:
+        return None
+    measured = ", ".join(f"{name} {ms:.2f} ms" for name, ms in decision.timings_ms.items())
+    log.info("engine auto at batch %d: %s -> %s (%s)", batch_size, measured, decision.engine, how)
+    return onnx if decision.engine == onnx.name else torch_engine
 
 
 def select_engine(
@@ -196,7 +217,8 @@ def select_engine(
     batch_size: int,
 ) -> Engine:
     """The engine a version serves with: `torch`, `onnxruntime` (verified first), or `auto`
-    (the faster of the two, measured at load). Any ONNX trouble leaves torch serving."""
+    (the faster of the two, measured on this machine once, service.decisions). Any ONNX
+    trouble leaves torch serving."""
     if policy == "torch":
         return torch_engine
     try:
@@ -205,11 +227,15 @@ def select_engine(
     except Exception as exc:  # exporters and runtimes fail in many ways; torch still works
         log.warning("%s: no ONNX Runtime engine (%s); serving with torch", version_folder, exc)
         return torch_engine
-    difference = check_agreement(onnx, torch_engine, input_shape)
-    if difference > TOLERANCE:
-        log.warning("%s: ONNX and torch differ by %.2g (> %g); serving with torch",
-                    version_folder, difference, TOLERANCE)  # fmt: skip
+    chosen: Engine | None = onnx
+    if policy == "auto":
+        facts = decision_facts(weights_sha, onnx_sha(path), input_shape, batch_size,
+                               threads or torch.get_num_threads())  # fmt: skip
+        chosen = auto_choice(torch_engine, onnx, facts, cache, input_shape, batch_size)
+    elif check_agreement(onnx, torch_engine, input_shape) > TOLERANCE:
+        chosen = None
+    if chosen is None:
+        log.warning("%s: ONNX and torch differ by more than %g; serving with torch",
+                    version_folder, TOLERANCE)  # fmt: skip
         return torch_engine
-    if policy == "onnxruntime":
-        return onnx
-    return faster([torch_engine, onnx], input_shape, batch_size)
+    return chosen

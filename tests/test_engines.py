@@ -4,6 +4,7 @@ chosen by policy or by measurement, and never trusted when it disagrees."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from service.config import Settings
+from service.decisions import Decision
 from service.engines import (
     ONNX_FILE,
     ONNX_META,
@@ -131,3 +133,46 @@ async def test_both_engines_answer_alike_over_http(tmp_path: Path) -> None:
             ])  # fmt: skip
     np.testing.assert_allclose(answers["torch"], answers["onnxruntime"], atol=1e-5)
     assert (answers["torch"].argmax(1) == [d.label for d in digits]).mean() > 0.9
+
+
+def test_the_auto_decision_is_recorded_and_only_trusted_for_the_same_facts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restart reuses the measurement; a record from another machine, library or export, or
+    a broken one, is measured again and replaced."""
+    store = copy_digits(tmp_path / "store")
+    folder = store.path("digits", 1)
+    classifier = store.load("digits", 1, CPU)
+    cache = tmp_path / "cache"
+    args = (classifier.module, classifier.torch_engine, classifier.input_shape, folder,
+            classifier.spec.sha256, cache, "auto", None, 8)  # fmt: skip
+    record = cache / "engines" / f"{classifier.spec.sha256}.json"
+    caplog.set_level(logging.INFO, logger="convserve.engines")
+
+    first = select_engine(*args).name
+    measured = msgspec.json.decode(record.read_bytes(), type=Decision)
+    assert measured.engine == first
+    assert set(measured.timings_ms) == {"torch", "onnxruntime"}
+    assert measured.facts["onnx_sha256"] == sha256_file(folder / ONNX_FILE)
+    assert measured.facts["torch"] == torch.__version__
+
+    caplog.clear()
+    assert select_engine(*args).name == first
+    assert "recorded for this machine" in caplog.text
+    assert msgspec.json.decode(record.read_bytes(), type=Decision) == measured
+
+    other = "torch" if first == "onnxruntime" else "onnxruntime"
+    for fact, value in [("cpu", "another machine's CPU"), ("onnxruntime", "0.0.1"),
+                        ("onnx_sha256", "0" * 64), ("threads", "64")]:  # fmt: skip
+        forged = Decision({**measured.facts, fact: value}, other, 0.0, {other: 0.001})
+        record.write_bytes(msgspec.json.encode(forged))
+        caplog.clear()
+        select_engine(*args)
+        assert f"measured with another {fact}" in caplog.text
+        remeasured = msgspec.json.decode(record.read_bytes(), type=Decision)
+        assert remeasured.facts == measured.facts
+        assert set(remeasured.timings_ms) == {"torch", "onnxruntime"}
+
+    record.write_bytes(b"{not json")
+    select_engine(*args)
+    assert msgspec.json.decode(record.read_bytes(), type=Decision).facts == measured.facts

@@ -54,6 +54,7 @@ bench: $(STAMP) ## benchmark against the in-process limit, a naive server and pe
 	command -v hey >/dev/null || (apt-get update -q && apt-get install -y -q hey)
 	$(BIN)/python -m benchmarks.driver
 	$(BIN)/python -m benchmarks.workers
+	$(BIN)/python -m benchmarks.first_request
 
 soak: $(STAMP) ## 20,000 mixed requests; fails if the server's memory grows past the bound
 	$(BIN)/python -m benchmarks.soak

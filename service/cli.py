@@ -33,11 +33,13 @@ from service.config import (
     unknown_variables,
 )
 
+# What deciding a new version's engine reads, as the server would (train and import do it).
+PREPARE = ("store", "cache_dir", "device", "engine", "threads", "max_batch_size")
 # The settings each command reads (None: all of them); its flags override the variables.
 APPLIES: dict[str, Collection[str] | None] = {
     "serve": None,
-    "train": ("store",),
-    "import": ("store",),
+    "train": PREPARE,
+    "import": PREPARE,
     "explain": ("store", "device", "default_model", "max_pixels", "formats"),
     "describe": (),
 }
@@ -302,6 +304,7 @@ def _train(args: argparse.Namespace) -> int:
         f"wrote {args.store / args.name / str(version)}: held-out accuracy {metrics.accuracy:.4f} "
         f"({metrics.dataset})"
     )
+    _prepare(args.settings, args.name, version)
     return 0
 
 
@@ -321,7 +324,25 @@ def _import(args: argparse.Namespace) -> int:
     except InputMismatchError as exc:
         raise ValueError(_with_input(exc)) from None
     print(f"wrote {args.store / name / str(version)}")
+    _prepare(args.settings, name, version)
     return 0
+
+
+def _prepare(settings: Settings, name: str, version: int) -> None:
+    """Decide the version's engine for this machine now, as the server would, so that its
+    first start finds the decision recorded (in the cache directory, not the store)."""
+    import torch
+
+    from service.loading import choose_engine, resolve_device
+    from service.store import ModelStore
+
+    if settings.threads:  # as the server runs it, or the timings would not be its own
+        torch.set_num_threads(settings.threads)
+    store = ModelStore(settings.store)
+    device = resolve_device(settings.device)
+    classifier = store.load(name, version, device)
+    engine = choose_engine(classifier, store.path(name, version), settings, device)
+    print(f"engine on this machine: {engine.name} (recorded in {settings.cache_dir})")
 
 
 def _describe(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from concurrent.futures import Executor
+from pathlib import Path
 
 import torch
 
@@ -21,7 +22,7 @@ from service.catalog import Catalog, Deployment
 from service.classifier import Classifier
 from service.config import Settings
 from service.convolution import conv_layers
-from service.engines import select_engine
+from service.engines import Engine, select_engine
 from service.errors import ModelLoadError, ServiceError
 from service.inference import Route
 from service.memory import return_freed_memory
@@ -54,6 +55,27 @@ def warm_up_sizes(max_batch_size: int, device: torch.device) -> list[int]:
     if device.type == "cuda":
         return list(range(1, max_batch_size + 1))
     return sorted({max_batch_size, 1}, reverse=True)
+
+
+def batch_size(classifier: Classifier, settings: Settings) -> int:
+    """The largest batch a version's batcher forms: its model.json's, else the setting."""
+    overrides = classifier.spec.batching
+    return (overrides and overrides.max_batch_size) or settings.max_batch_size
+
+
+def choose_engine(
+    classifier: Classifier, folder: Path, settings: Settings, device: torch.device
+) -> Engine:
+    """The engine a version serves with (service.engines.select_engine): what the loader runs,
+    and what `convserve import` and `train` run so that the first start finds it decided."""
+    policy = classifier.spec.engine or settings.engine
+    if device.type != "cpu":
+        policy = "torch"  # the ONNX engine here is ONNX Runtime's CPU provider
+    return select_engine(
+        classifier.module, classifier.torch_engine, classifier.input_shape, folder,
+        classifier.spec.sha256, settings.cache_dir, policy, settings.threads,
+        min(8, batch_size(classifier, settings)),
+    )  # fmt: skip
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -146,27 +168,14 @@ class Loader:
             await deployment.batcher.stop()
 
     def _batch_size(self, classifier: Classifier) -> int:
-        overrides = classifier.spec.batching
-        return (overrides and overrides.max_batch_size) or self.settings.max_batch_size
+        return batch_size(classifier, self.settings)
 
     def _build(self, name: str, version: int) -> tuple[Classifier, float]:
         """Runs on the loader thread: verify, load, choose the engine, warm up (warm_up_sizes)."""
         started = time.perf_counter()
         classifier = self.store.load(name, version, self.device)
-        policy = classifier.spec.engine or self.settings.engine
-        if self.device.type != "cpu":
-            policy = "torch"  # the ONNX engine here is ONNX Runtime's CPU provider
-        classifier.engine = select_engine(
-            classifier.module,
-            classifier.torch_engine,
-            classifier.input_shape,
-            self.store.path(name, version),
-            classifier.spec.sha256,
-            self.settings.cache_dir,
-            policy,
-            self.settings.threads,
-            min(8, self._batch_size(classifier)),
-        )
+        folder = self.store.path(name, version)
+        classifier.engine = choose_engine(classifier, folder, self.settings, self.device)
         if self.settings.warmup:
             classifier.warm_up(warm_up_sizes(self._batch_size(classifier), self.device))
         return classifier, time.perf_counter() - started

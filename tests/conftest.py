@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, cast
@@ -14,6 +16,12 @@ from litestar import Litestar
 from service.app import create_app
 from service.config import Settings
 from tests.support import BUNDLED_STORE
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Derived files (ONNX exports, engine decisions) of every test and test server go to a
+    cache of this run, not the user's ~/.cache/convserve."""
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="convserve-tests-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -150,13 +150,16 @@ def test_switches_and_flags_override_the_environment() -> None:
 
 def test_import_train_and_explain_read_the_store_from_the_environment(tmp_path: Path) -> None:
     store = tmp_path / "store"
-    env = {"CONVSERVE_STORE": str(store)}
+    env = {"CONVSERVE_STORE": str(store), "CONVSERVE_CACHE_DIR": str(tmp_path / "cache")}
     made = run(["import", "small_cnn", "--random-init", "--name", "imported"], env)
     assert made.returncode == 0, made.stderr
     assert (store / "imported" / "1" / "model.json").is_file()
     trained = run(["train", "--name", "trained", "--epochs", "1", "--limit", "300"], env)
     assert trained.returncode == 0, trained.stderr
     assert (store / "trained" / "1" / "model.onnx").is_file()  # derived files come with it
+    # the engine is decided for this machine now, so the first start finds it recorded
+    assert len(list((tmp_path / "cache" / "engines").glob("*.json"))) == 2
+    assert "engine on this machine:" in trained.stdout
     output = tmp_path / "out.png"
     image = str(ROOT / "docs" / "examples" / "digit-4.jpg")
     chosen = {**env, "CONVSERVE_DEFAULT_MODEL": "trained"}  # not the first name in the store

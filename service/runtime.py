@@ -69,12 +69,18 @@ class Runtime:
         trim_heap()  # what loading and warm-up freed leaves the resident size
         if self.watcher is not None:
             self.watcher.start()
-        models = self.catalog.status().models.values()
-        log.info(
-            "ready in %.2fs: %s",
-            time.monotonic() - self.started_at,
-            ", ".join(f"{m.name} v{v}" for m in models for v in m.loaded) or "no models",
-        )
+        status = self.catalog.status()
+        loaded = ", ".join(f"{m.name} v{v}" for m in status.models.values() for v in m.loaded)
+        elapsed = time.monotonic() - self.started_at
+        if status.ready:
+            log.info("ready in %.2fs: %s", elapsed, loaded or "no models")
+            return
+        missing = [name for name in status.configured
+                   if name not in status.models or not status.models[name].loaded]  # fmt: skip
+        log.error(
+            "loaded in %.2fs but NOT ready: no version of %s serves (GET /models says why); "
+            "serving: %s", elapsed, ", ".join(missing), loaded or "nothing",
+        )  # fmt: skip
 
     async def _device_memory(self) -> None:
         """The CUDA allocator's total, for /metrics of whichever process answers the scrape."""

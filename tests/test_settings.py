@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -16,7 +17,7 @@ import pytest
 
 from service import __version__
 from service.config import Settings, env_name, flag_name
-from tests.support import BUNDLED_STORE, ROOT, running_server
+from tests.support import BUNDLED_STORE, ROOT, free_port, running_server
 
 CONVSERVE = [sys.executable, "-m", "service"]
 
@@ -172,3 +173,29 @@ def test_import_train_and_explain_read_the_store_from_the_environment(tmp_path: 
     assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (BUNDLED_STORE / "trained").exists()
     assert not (BUNDLED_STORE / "imported").exists()
+
+
+def test_a_store_whose_model_cannot_load_is_not_logged_as_ready(tmp_path: Path) -> None:
+    """Start-up loading ends, readiness stays 503, and the log says so instead of 'ready'."""
+    shutil.copytree(BUNDLED_STORE / "digits", tmp_path / "store" / "digits")
+    weights = tmp_path / "store" / "digits" / "1" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes() + b"\0")  # no longer the recorded sha256
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
+    env = {**clean, "CONVSERVE_STORE": str(tmp_path / "store"), "CONVSERVE_PORT": str(port),
+           "CONVSERVE_WORKERS": "0", "PYTHONPATH": str(ROOT)}  # fmt: skip
+    log = tmp_path / "server.log"
+    with log.open("wb") as sink:
+        server = subprocess.Popen([*CONVSERVE, "serve"], env=env, stdout=sink, stderr=sink)
+    try:
+        deadline = time.monotonic() + 60
+        while "NOT ready" not in log.read_text() and time.monotonic() < deadline:
+            assert server.poll() is None, log.read_text()
+            time.sleep(0.2)
+        text = log.read_text()
+        assert "NOT ready: no version of digits serves" in text
+        assert "ready in" not in text
+        assert httpx.get(f"http://127.0.0.1:{port}/health/ready").status_code == 503
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -203,8 +203,13 @@ class Requests:
         return self.models.ready and self.decoders.running and not self.draining
 
     def begin_drain(self) -> None:
-        """Stop admitting predictions and report not ready; admitted requests still finish."""
+        """Stop admitting predictions and report not ready; admitted requests still finish.
+        Only a flag: it runs in a signal handler, which may have interrupted code holding the
+        metrics' lock (setting a gauge there deadlocked a worker). note_drain() reports it."""
         self.draining = True
+
+    def note_drain(self) -> None:
+        """The drain in /metrics and the log: called from the event loop once it has begun."""
         metrics.READY.set(0)
         log.info("draining: %d request(s) in flight", self.inflight)
 

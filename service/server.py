@@ -38,8 +38,11 @@ class DrainingServer(uvicorn.Server):
         self.supervised = supervised
         self.drain_deadline: float | None = None
         self.drain_earliest = 0.0
+        self.drain_noted = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """A signal handler: it may interrupt any code, so it only sets flags (no locks, no
+        metrics, no logging); on_tick, on the event loop, acts on them."""
         if self.supervised and sig == signal.SIGINT:
             return  # Ctrl-C reaches the whole process group: the supervisor decides
         if self.drain_deadline is None and self.started:
@@ -56,6 +59,9 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
     async def on_tick(self, counter: int) -> bool:
+        if self.requests.draining and not self.drain_noted:  # the handler only set a flag
+            self.drain_noted = True
+            self.requests.note_drain()
         if self.drain_deadline is not None and not self.should_exit:
             now = time.monotonic()
             done = self.requests.inflight == 0 and now >= self.drain_earliest

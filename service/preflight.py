@@ -29,8 +29,8 @@ def check_store(settings: Settings) -> None:
     where = f"CONVSERVE_STORE={str(store)!r} (--store)"
     if not store.exists():
         raise SettingsError(
-            f"{where}: no such directory (from {store.resolve().parent}); point it at a model "
-            f"store (docs/models.md), {ALLOW}"
+            f"{where}: there is no directory {store.resolve()}; point it at a model store "
+            f"(docs/models.md), {ALLOW}"
         )
     if not store.is_dir():
         raise SettingsError(f"{where}: not a directory; point it at a model store (docs/models.md)")

@@ -57,7 +57,7 @@ def refused(result: subprocess.CompletedProcess[str], *needles: str) -> str:
             [
                 "CONVSERVE_STORE='/nonexistent'",
                 "--store",
-                "no such directory",
+                "there is no directory /nonexistent",
                 "CONVSERVE_ALLOW_EMPTY",
             ],
         ),

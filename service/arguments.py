@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from service.spec import NAME_PATTERN
+
+Number = TypeVar("Number", int, float)
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -25,48 +29,27 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return channels, height, width
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: 1, 2, ..."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _checked(
+    convert: Callable[[str], Number], valid: Callable[[Number], bool], expected: str
+) -> Callable[[str], Number]:
+    """An argparse type: `convert`, then `valid`; either failing says what was `expected`."""
+
+    def parse(text: str) -> Number:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not valid(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """An argparse type: 0, 1, ... (seeds, class indices)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer 0 or more, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """An argparse type: strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
-    return value
+positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = _checked(int, lambda v: v >= 0, "an integer 0 or more")  # seeds, indices
+positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a number above 0")
+fraction = _checked(float, lambda v: 0 < v < 1, "a fraction between 0 and 1")
 
 
 def model_name(text: str) -> str:

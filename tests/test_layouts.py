@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, Route, sync_playwright
+from playwright.sync_api import Browser, Page, Route
 
 from service.app import create_app
 from service.config import Settings
@@ -25,7 +25,7 @@ from tests.support import (
     running_server,
 )
 from tests.test_metrics import REFUSED, counted
-from tests.test_page_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.test_page_browser import chromium
 
 KEY = "layouts-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -110,14 +110,8 @@ def test_a_known_models_4xx_counts_under_its_name(server: ServerProcess) -> None
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install chromium")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
+    with chromium() as launched:
+        yield launched
 
 
 def html_pages(server: ServerProcess) -> list[str]:

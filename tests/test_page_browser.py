@@ -5,6 +5,7 @@ Screenshots land in artifacts/page/ for people to look at.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -48,14 +49,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         yield process
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
+@contextlib.contextmanager
+def chromium() -> Iterator[Browser]:
+    """Headless Chromium from the system (no browser download), closed afterwards."""
     if not Path(CHROMIUM).is_file():
         pytest.fail(
             f"Chromium not found at {CHROMIUM}: install it (apt-get install chromium; .ci/run "
             "does) or point CONVSERVE_CHROMIUM at a Chromium binary"
         )
-    SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         # Playwright gives every launch a fresh temporary --user-data-dir
         launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -63,6 +64,13 @@ def browser() -> Iterator[Browser]:
             yield launched
         finally:
             launched.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with chromium() as launched:
+        yield launched
 
 
 Open = Callable[..., Page]

@@ -74,9 +74,8 @@ def settings_from(args: argparse.Namespace, only: Collection[str] | None = None)
     flags = {}
     for key, value in vars(args).items():
         if key.startswith("setting_") and value is not None:
-            flags[key.removeprefix("setting_")] = (
-                ("1" if value else "0") if value in (True, False) else str(value)
-            )
+            text = ("1" if value else "0") if isinstance(value, bool) else str(value)
+            flags[key.removeprefix("setting_")] = text
     return Settings.from_env(os.environ, flags=flags, only=only)
 
 

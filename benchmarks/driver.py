@@ -43,10 +43,11 @@ from benchmarks.heatmaps import full_backward_grad_cam
 from benchmarks.peers import PEERS, RunningPeer
 from service.classifier import Classifier
 from service.config import default_cache
-from service.engines import Engine, OnnxEngine, ensure_onnx
+from service.engines import Engine, OnnxEngine
 from service.imaging import DecodeLimits, prepare_image
 from service.importing import import_own, import_torchvision
 from service.store import ModelStore
+from service.torch_engine import ensure_onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "docs" / "images"

@@ -37,7 +37,7 @@ def full_backward_grad_cam(classifier: Classifier, arrays: list[np.ndarray]) -> 
                 lambda m, i, o: o.retain_grad() or saved.append(o)  # type: ignore[func-returns-value]
             )
             try:
-                logits = module(classifier.to_batch(arrays))
+                logits = module(classifier.network.to_batch(arrays))
                 logits.gather(1, logits.argmax(1, keepdim=True)).sum().backward()
             finally:
                 handle.remove()

@@ -6,7 +6,7 @@
 Each peer lives in its own virtual environment under benchmarks/.peers/<name>/venv, installed
 from the package registries (torch and torchvision from this machine's wheel folders, the same
 releases convserve runs), and serves the same weights and preprocessing as convserve: the app
-loads a store version folder with `service.store.load_classifier` and prepares each image with
+loads a store version folder with `service.network.load_classifier` and prepares each image with
 `service.imaging.prepare_image` (benchmarks/peers/peer_model.py). `service` reaches a peer venv
 as an editable install of this repository without its dependencies.
 
@@ -377,7 +377,7 @@ def reference(model_dir: Path, body: bytes) -> list[float]:
 
     from service.config import Settings
     from service.imaging import DecodeLimits, prepare_image
-    from service.store import load_classifier
+    from service.network import load_classifier
 
     classifier = load_classifier(
         model_dir, model_dir.parent.name, int(model_dir.name), torch.device("cpu")

@@ -7,11 +7,12 @@ network that actually serves, not a hand-written summary.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from service.card import Anatomy, LayerRow
 from service.registry import conv_output_size
 
 SPATIAL = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
@@ -32,31 +33,6 @@ class Call:
     leaf: bool
     input_id: int  # identity of the input tensor, unique within one trace
     output_id: int
-
-
-@dataclass(frozen=True)
-class LayerRow:
-    name: str
-    type: str
-    kernel: list[int] | None
-    stride: list[int] | None
-    padding: list[int] | None
-    output_shape: list[int]
-    formula_shape: list[int] | None  # floor((W - K + 2P) / S) + 1, where it applies
-    params: int
-    macs: int
-    receptive_field: int | None
-
-
-@dataclass(frozen=True)
-class Anatomy:
-    input_shape: list[int]
-    output_shape: list[int]
-    rows: list[LayerRow]
-    total_params: int
-    total_macs: int
-    receptive_field: int | None
-    warnings: list[str] = field(default_factory=list)
 
 
 def _first_tensor(value: object) -> torch.Tensor | None:

@@ -103,7 +103,7 @@ class Deployment:
         classifier = self.classifier
         return Serving(
             architecture=classifier.spec.architecture,
-            device=classifier.device.type,
+            device=classifier.device_type,
             engine=classifier.engine.name,
             accuracy=classifier.spec.metrics.accuracy,
             load_seconds=self.load_seconds,

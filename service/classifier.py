@@ -1,22 +1,28 @@
 """Classifier: a network with its preprocessing and labels; turns batches into probabilities.
 
-No HTTP and no asyncio here: the batcher calls these methods from its inference thread.
+No HTTP, no asyncio and no torch here: the batcher calls these methods from its inference
+thread, and a version prepared for ONNX Runtime (service.prepared) predicts without torch.
+The torch side (service.network: the module, Grad-CAM, layer maps) is built on first use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
-from service.anatomy import Anatomy
-from service.engines import Engine, TorchEngine
+from service.card import Anatomy, ReadPoint
+from service.engines import Engine
 from service.errors import LayerNotFoundError
-from service.heatmaps import ReadPoint, activation_map, grad_cam
 from service.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from service.network import Network
 
 
 @dataclass(frozen=True)
@@ -27,30 +33,44 @@ class Explanation:
     point: ReadPoint
 
 
+def _released() -> Network:
+    raise RuntimeError("this model version was unloaded")
+
+
 class Classifier:
-    """One loaded model version: module on its device, input spec, labels, layer table."""
+    """One loaded model version: input spec, labels, layer table, engine, and its network."""
 
     def __init__(
         self,
         name: str,
         version: int,
         spec: ModelSpec,
-        module: nn.Module,
-        device: torch.device,
+        device: str,
         anatomy: Anatomy,
         layers: dict[str, ReadPoint],
         warnings: list[str],
+        network: Network | Callable[[], Network],
+        engine: Engine | None = None,
     ) -> None:
+        """`network`: the built one, or how to build it when first needed; `engine`: what
+        predictions run on (default: the built network's torch engine)."""
         self.name = name
         self.version = version
         self.spec = spec
-        self.module = module
-        self.device = device
+        self.device = device  # "cpu", "cuda", "cuda:1"
         self.anatomy = anatomy
         self.layers = layers
         self.warnings = warnings
-        self.torch_engine = TorchEngine(module, device)
-        self.engine: Engine = self.torch_engine  # what plain predictions run on
+        self._lock = threading.Lock()
+        self._network: Network | None = None
+        self._build: Callable[[], Network] = _released
+        if callable(network):
+            self._build = network
+        else:
+            self._network = network
+        if engine is None:
+            engine = self.network.engine
+        self.engine: Engine = engine
 
     @property
     def labels(self) -> list[str]:
@@ -61,12 +81,34 @@ class Classifier:
         spec = self.spec.input
         return (spec.channels, spec.height, spec.width)
 
-    def to_batch(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
-        """Stack (C, H, W) arrays into one (N, C, H, W) tensor on the model's device."""
-        batch = torch.from_numpy(np.stack(arrays))
-        if self.device.type == "cuda":
-            return batch.pin_memory().to(self.device, non_blocking=True)
-        return batch
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
+    @property
+    def has_network(self) -> bool:
+        return self._network is not None
+
+    @property
+    def network(self) -> Network:
+        """The torch side, built (importing torch) by the first caller; later callers wait."""
+        with self._lock:
+            if self._network is None:
+                self._network = self._build()
+            return self._network
+
+    @property
+    def module(self) -> nn.Module:
+        return self.network.module
+
+    @property
+    def torch_engine(self) -> Engine:
+        return self.network.engine
+
+    @property
+    def conv_layers(self) -> dict[str, ReadPoint]:
+        """The heatmap layers that are convolutions, in execution order."""
+        return {name: p for name, p in self.layers.items() if p.kind == "conv"}
 
     def predict(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         """Softmax probabilities (N, classes), computed once over raw logits."""
@@ -96,20 +138,18 @@ class Classifier:
         targets: list[int | None],
     ) -> Explanation:
         """Probabilities plus one heatmap per image, from one batched forward pass."""
-        point = self.read_point(layer)
-        batch = self.to_batch(arrays)
-        if method == "gradcam":
-            logits, maps, chosen = grad_cam(self.module, batch, point, targets)
-        else:
-            logits, maps = activation_map(self.module, batch, point)
-            chosen = logits.argmax(dim=1).tolist()
-        probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
-        return Explanation(probabilities, maps, chosen, point)
+        return self.network.explain(arrays, method, self.read_point(layer), targets)
+
+    def layer_maps_json(self, array: np.ndarray, layer: str) -> bytes:
+        """The explorer's view of conv layer `layer` for one image (service.convolution)."""
+        return self.network.layer_maps_json(self, array, layer)
 
     def release(self) -> None:
         """Drop the weights; called once the version no longer serves anything."""
-        self.module = nn.Module()
-        self.torch_engine = self.engine = TorchEngine(self.module, self.device)
+        with self._lock:
+            self._network = None
+            self._build = _released
+        self.engine = UNLOADED
         self.layers = {}
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
@@ -117,3 +157,13 @@ class Classifier:
         example = np.zeros(self.input_shape, dtype=np.float32)
         for size in batch_sizes:
             self.predict([example] * size)
+
+
+class _Unloaded:
+    name = "none"
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        raise RuntimeError("this model version was unloaded")
+
+
+UNLOADED: Engine = _Unloaded()

@@ -330,18 +330,14 @@ def _import(args: argparse.Namespace) -> int:
 def _prepare(settings: Settings, name: str, version: int) -> None:
     """Decide the version's engine for this machine now, as the server would, so that its
     first start finds the decision recorded (in the cache directory, not the store)."""
-    import torch
-
-    from service.loading import choose_engine, resolve_device
+    from service.loading import resolve_device
+    from service.network import full_load
     from service.store import ModelStore
 
-    if settings.threads:  # as the server runs it, or the timings would not be its own
-        torch.set_num_threads(settings.threads)
     store = ModelStore(settings.store)
-    device = resolve_device(settings.device)
-    classifier = store.load(name, version, device)
-    engine = choose_engine(classifier, store.path(name, version), settings, device)
-    print(f"engine on this machine: {engine.name} (recorded in {settings.cache_dir})")
+    device = resolve_device(settings.device)  # threads as the server runs them (full_load)
+    classifier = full_load(store.path(name, version), name, version, settings, device)
+    print(f"engine on this machine: {classifier.engine.name} (recorded in {settings.cache_dir})")
 
 
 def _describe(args: argparse.Namespace) -> int:

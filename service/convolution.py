@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from service.api.schemas import ModelRef
+from service.card import ReadPoint
 from service.classifier import Classifier
 from service.errors import LayerNotFoundError
-from service.heatmaps import ActivationRecorder, ReadPoint
+from service.heatmaps import ActivationRecorder
 from service.layermaps import LayerMaps, LayerStep, tensor
 
 
@@ -35,14 +36,9 @@ class Convolution:
     post: np.ndarray  # (C_out, h, w): at the layer's read point (after its ReLU)
 
 
-def conv_layers(classifier: Classifier) -> dict[str, ReadPoint]:
-    """The heatmap layers that are convolutions, in execution order."""
-    return {name: p for name, p in classifier.layers.items() if p.kind == "conv"}
-
-
 def conv_point(classifier: Classifier, layer: str) -> ReadPoint:
     """The read point of conv layer `layer`; 404 naming the conv layers otherwise."""
-    points = conv_layers(classifier)
+    points = classifier.conv_layers
     if layer not in points:
         valid = ", ".join(points) or "none"
         raise LayerNotFoundError(
@@ -89,7 +85,7 @@ def open_convolution(classifier: Classifier, array: np.ndarray, layer: str) -> C
     module = model.get_submodule(layer)
     assert isinstance(module, nn.Conv2d), f"{layer} is a {type(module).__name__}"
     own = ReadPoint(layer, layer, 0, point.shape, "conv")  # the conv's own output
-    batch = classifier.to_batch([array])  # (1, C, H, W)
+    batch = classifier.network.to_batch([array])  # (1, C, H, W)
     with (
         ActivationRecorder(model, own, track_grad=False, keep_input=True) as conv,
         ActivationRecorder(model, point, track_grad=False) as read,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import TracebackType
 
 import numpy as np
@@ -11,17 +10,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from service.anatomy import ACTIVATIONS, PASS_THROUGH, Call
-
-
-@dataclass(frozen=True)
-class ReadPoint:
-    """Which module call a heatmap layer is read from: a conv is read after its rectifier."""
-
-    layer: str  # the name users ask for: conv1, layer4, features.12
-    module_name: str  # the module whose output is read: relu1, layer4
-    call_index: int
-    shape: tuple[int, int, int]  # (C, h, w) of the maps
-    kind: str  # "conv" or "block"
+from service.card import ReadPoint
 
 
 def heatmap_layers(calls: list[Call]) -> dict[str, ReadPoint]:

@@ -14,18 +14,15 @@ import time
 from concurrent.futures import Executor
 from pathlib import Path
 
-import torch
-
 from service import metrics
 from service.batching import Batcher
 from service.catalog import Catalog, Deployment
 from service.classifier import Classifier
 from service.config import Settings
-from service.convolution import conv_layers
-from service.engines import Engine, select_engine
 from service.errors import ModelLoadError, ServiceError
 from service.inference import Route
 from service.memory import return_freed_memory
+from service.prepared import batch_size, load_prepared
 from service.store import ModelStore
 
 log = logging.getLogger("convserve.catalog")  # the name its lines always had
@@ -41,49 +38,34 @@ def route_of(classifier: Classifier) -> Route:
         labels=list(spec.labels),
         heatmap_layer=spec.heatmap_layer,
         layers=list(classifier.layers),
-        conv_layers=list(conv_layers(classifier)),
+        conv_layers=list(classifier.conv_layers),
         grid_cells=max((p.shape[1] * p.shape[2] for p in classifier.layers.values()), default=0),
     )
 
 
-def warm_up_sizes(max_batch_size: int, device: torch.device) -> list[int]:
+def warm_up_sizes(max_batch_size: int, device: str) -> list[int]:
     """The batch sizes to run once before a version takes traffic. On a GPU, every size the
     batcher can form (kernels are chosen per shape). On a CPU, the largest first (torch's and
     ONNX Runtime's memory pools grow to it once) and then 1: measured on resnet18, every other
     size then runs its first batch as fast as its second (within 1.3x, the run-to-run noise),
     while warming all 32 sizes took 13 s of a 16 s start (docs/benchmarks.md#time-to-ready)."""
-    if device.type == "cuda":
+    if device.startswith("cuda"):
         return list(range(1, max_batch_size + 1))
     return sorted({max_batch_size, 1}, reverse=True)
 
 
-def batch_size(classifier: Classifier, settings: Settings) -> int:
-    """The largest batch a version's batcher forms: its model.json's, else the setting."""
-    overrides = classifier.spec.batching
-    return (overrides and overrides.max_batch_size) or settings.max_batch_size
+def resolve_device(choice: str) -> str:
+    """CONVSERVE_DEVICE as a device name. `auto` on a machine without an NVIDIA driver node is
+    the CPU, found without importing torch (prepared versions serve without it)."""
+    if choice == "cpu" or (choice == "auto" and not Path("/dev/nvidiactl").exists()):
+        return "cpu"
+    import torch  # only where a GPU may be present
 
-
-def choose_engine(
-    classifier: Classifier, folder: Path, settings: Settings, device: torch.device
-) -> Engine:
-    """The engine a version serves with (service.engines.select_engine): what the loader runs,
-    and what `convserve import` and `train` run so that the first start finds it decided."""
-    policy = classifier.spec.engine or settings.engine
-    if device.type != "cpu":
-        policy = "torch"  # the ONNX engine here is ONNX Runtime's CPU provider
-    return select_engine(
-        classifier.module, classifier.torch_engine, classifier.input_shape, folder,
-        classifier.spec.sha256, settings.cache_dir, policy, settings.threads,
-        min(8, batch_size(classifier, settings)),
-    )  # fmt: skip
-
-
-def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("CONVSERVE_DEVICE=cuda but torch sees no CUDA device")
-    return torch.device(choice)
+    return str(torch.device(choice))
 
 
 class Loader:
@@ -94,7 +76,7 @@ class Loader:
         settings: Settings,
         store: ModelStore,
         catalog: Catalog,
-        device: torch.device,
+        device: str,
         inference: Executor,
         thread: Executor,
     ) -> None:
@@ -146,10 +128,10 @@ class Loader:
         deployment = Deployment(classifier, batcher, route_of(classifier), seconds)
         batcher.start()
         old = self.catalog.install(deployment)  # new requests go to the new one
-        labels = (name, str(version), classifier.spec.architecture, self.device.type)
+        labels = (name, str(version), classifier.spec.architecture, classifier.device_type)
         metrics.MODEL_INFO.labels(*labels).set(1)
         metrics.MODEL_LOAD.labels(name, str(version)).set(seconds)
-        log.info("model %s v%d ready on %s in %.2fs", name, version, self.device.type, seconds)
+        log.info("model %s v%d ready on %s in %.2fs", name, version, self.device, seconds)
         if old is not None:
             await self._retire(old)
         return deployment
@@ -157,8 +139,9 @@ class Loader:
     async def unload(self, name: str, version: int) -> None:
         """Stop routing to a version, let its queue finish, then free it."""
         deployment = self.catalog.remove(name, version)
-        arch = deployment.classifier.spec.architecture
-        metrics.MODEL_INFO.labels(name, str(version), arch, self.device.type).set(0)
+        classifier = deployment.classifier
+        labels = (name, str(version), classifier.spec.architecture, classifier.device_type)
+        metrics.MODEL_INFO.labels(*labels).set(0)
         await self._retire(deployment)
         log.info("model %s v%d unloaded", name, version)
 
@@ -168,14 +151,18 @@ class Loader:
             await deployment.batcher.stop()
 
     def _batch_size(self, classifier: Classifier) -> int:
-        return batch_size(classifier, self.settings)
+        return batch_size(classifier.spec, self.settings)
 
     def _build(self, name: str, version: int) -> tuple[Classifier, float]:
-        """Runs on the loader thread: verify, load, choose the engine, warm up (warm_up_sizes)."""
+        """Runs on the loader thread: verify, load (service.prepared, else in full with torch),
+        choose the engine, warm up (warm_up_sizes)."""
         started = time.perf_counter()
-        classifier = self.store.load(name, version, self.device)
         folder = self.store.path(name, version)
-        classifier.engine = choose_engine(classifier, folder, self.settings, self.device)
+        classifier = load_prepared(folder, name, version, self.settings, self.device)
+        if classifier is None:
+            from service.network import full_load  # torch: only for what is not prepared
+
+            classifier = full_load(folder, name, version, self.settings, self.device)
         if self.settings.warmup:
             classifier.warm_up(warm_up_sizes(self._batch_size(classifier), self.device))
         return classifier, time.perf_counter() - started
@@ -198,6 +185,8 @@ class Loader:
         await deployment.batcher.drain()
         await deployment.batcher.stop()
         deployment.classifier.release()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        if self.device.startswith("cuda"):
+            from service.network import free_device_memory  # torch is loaded on a GPU
+
+            free_device_memory()
         return_freed_memory()

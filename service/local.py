@@ -3,6 +3,7 @@ path. The single process serves through it, and so does the model process for it
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import numpy as np
 
 from service.batching import Admission
 from service.catalog import Catalog, Deployment
-from service.convolution import layer_maps_json
+from service.classifier import Classifier
 from service.inference import Answer, Explain, Route, Ticket
 from service.memory import Trimmer
 
@@ -27,6 +28,13 @@ class LocalTicket:
 def _local(ticket: Ticket) -> LocalTicket:
     assert isinstance(ticket, LocalTicket)
     return ticket
+
+
+async def _network(classifier: Classifier) -> None:
+    """Build a prepared version's network (importing torch, seconds) off the inference thread
+    before a heatmap or layer-map pass needs it, so predictions keep flowing meanwhile."""
+    if not classifier.has_network:
+        await asyncio.to_thread(lambda: classifier.network)
 
 
 class LocalModels:
@@ -61,6 +69,8 @@ class LocalModels:
     ) -> list[Answer]:
         local = _local(ticket)
         batcher = local.deployment.batcher
+        if explain is not None:
+            await _network(local.deployment.classifier)
         jobs = batcher.submit(local.admission, arrays, deadline, explain, target)
         try:
             return await batcher.results(jobs, deadline)
@@ -72,7 +82,9 @@ class LocalModels:
         self, ticket: Ticket, array: np.ndarray, layer: str, deadline: float
     ) -> bytes:
         local = _local(ticket)
-        work = partial(layer_maps_json, local.deployment.classifier, array, layer)
+        classifier = local.deployment.classifier
+        await _network(classifier)
+        work = partial(classifier.layer_maps_json, array, layer)
         try:
             return await local.deployment.batcher.run_alone(local.admission, work, deadline)
         finally:

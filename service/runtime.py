@@ -10,8 +10,6 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
 from service import metrics
 from service.catalog import Catalog
 from service.config import Settings
@@ -46,12 +44,10 @@ class Runtime:
         self._gauges: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        if self.settings.threads:
-            torch.set_num_threads(self.settings.threads)
         metrics.READY.set(0)
         loop = asyncio.get_running_loop()
         self._loading = loop.create_task(self._load())
-        if self.device.type == "cuda":
+        if self.device.startswith("cuda"):
             self._gauges = loop.create_task(self._device_memory())
 
     async def loaded(self) -> None:
@@ -84,7 +80,9 @@ class Runtime:
 
     async def _device_memory(self) -> None:
         """The CUDA allocator's total, for /metrics of whichever process answers the scrape."""
-        gauge = metrics.DEVICE_MEMORY.labels(str(self.device))
+        import torch  # on a GPU every version is loaded in full, with torch
+
+        gauge = metrics.DEVICE_MEMORY.labels(self.device)
         while True:
             gauge.set(torch.cuda.memory_allocated(self.device))
             await asyncio.sleep(DEVICE_MEMORY_EVERY_S)

@@ -1,44 +1,34 @@
 """The model store: model_store/<name>/<version>/{model.json, weights.safetensors}.
 
 Loading verifies everything before a model may serve; a broken version is refused with a
-reason a user can act on, and never stops other models from loading.
+reason a user can act on, and never stops other models from loading. The checks that need no
+network are here, without torch; service.network builds and checks the network itself.
 """
 
 from __future__ import annotations
 
-import logging
-import shutil
-import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
-import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
 
-from service.anatomy import describe, trace
-from service.classifier import Classifier
-from service.engines import write_onnx
-from service.errors import (
-    ArchitectureError,
-    ModelLoadError,
-    VersionNotFoundError,
-)
-from service.heatmaps import heatmap_layers
-from service.registry import build_model
+from service.errors import ModelLoadError, VersionNotFoundError
 from service.spec import (
     SPEC_FILE,
     InputSpec,
     ModelSpec,
-    check_name,
-    encode_spec,
     read_spec,
     sha256_file,
     stored_names,
     stored_versions,
 )
 
-log = logging.getLogger("convserve.store")
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from service.classifier import Classifier
+
 WEIGHTS_FILE = "weights.safetensors"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
@@ -61,35 +51,19 @@ class ModelStore:
             raise VersionNotFoundError(f"model {name} has no version {version} in the store")
         return self.root / name / str(version)
 
-    def load(self, name: str, version: int, device: torch.device) -> Classifier:
+    def load(
+        self, name: str, version: int, device: str | torch.device, threads: int | None = None
+    ) -> Classifier:
         """Read, verify and dry-run one version; raises ModelLoadError with the reason."""
-        return load_classifier(self.path(name, version), name, version, device)
+        from service.network import load_classifier  # torch: only for a full load
+
+        return load_classifier(self.path(name, version), name, version, str(device), threads)
 
     def write(self, name: str, module: nn.Module, spec: ModelSpec) -> int:
-        """Write the next version atomically: files go in a hidden folder that is renamed last."""
-        folder = self.root / check_name(name)
-        folder.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
-        try:
-            weights = staging / WEIGHTS_FILE
-            state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-            save_file(state, str(weights))
-            spec = msgspec.structs.replace(spec, sha256=sha256_file(weights))
-            shape = (spec.input.channels, spec.input.height, spec.input.width)
-            try:  # the ONNX Runtime engine's file, exported now so loading need not
-                write_onnx(module, shape, staging, spec.sha256)
-            except Exception as exc:  # the torch engine serves without it
-                log.warning("no ONNX export for %s: %s", name, exc)
-            (staging / SPEC_FILE).write_bytes(encode_spec(spec))  # last: marks it complete
-            for path in staging.iterdir():
-                path.chmod(0o644)
-            staging.chmod(0o755)  # mkdtemp makes it private; served stores are read by others
-            version = max(self.versions(name), default=0) + 1
-            staging.rename(folder / str(version))
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return version
+        """Write the next version (service.network.write_version)."""
+        from service.network import write_version  # torch: only where versions are written
+
+        return write_version(self, name, module, spec)
 
 
 def _check_input(spec: InputSpec) -> list[str]:
@@ -132,68 +106,9 @@ def _check_input(spec: InputSpec) -> list[str]:
     return []
 
 
-def _check_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [
-        f"{k} {list(state[k].shape)} (expected {list(expected[k].shape)})"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {', '.join(missing[:5])}")
-    if unexpected:
-        problems.append(f"unexpected keys {', '.join(unexpected[:5])}")
-    if wrong:
-        problems.append(f"wrong shapes {', '.join(wrong[:5])}")
-    if problems:
-        raise ValueError("weights do not match the architecture: " + "; ".join(problems))
-
-
-def _first_conv(module: nn.Module) -> tuple[str, nn.Conv2d] | None:
-    for name, child in module.named_modules():
-        if isinstance(child, nn.Conv2d):
-            return name, child
-    return None
-
-
-def _dry_run(module: nn.Module, spec: ModelSpec, device: torch.device) -> None:
-    shape = (spec.input.channels, spec.input.height, spec.input.width)
-    first = _first_conv(module)
-    if first is not None and first[1].in_channels != shape[0]:
-        raise ValueError(
-            f"input.channels is {shape[0]} but the network's first convolution ({first[0]}) "
-            f"takes {first[1].in_channels}"
-        )
-    generator = torch.Generator().manual_seed(0)
-    probe = torch.randn((2, *shape), generator=generator).to(device)
-    try:
-        with torch.inference_mode():
-            logits = module(probe).float()
-    except RuntimeError as exc:
-        raise ValueError(f"dry run on a {'x'.join(map(str, shape))} input failed: {exc}") from None
-    classes = len(spec.labels)
-    if tuple(logits.shape) != (2, classes):
-        raise ValueError(
-            f"dry run gives outputs of shape {list(logits.shape[1:])} per image but model.json "
-            f"lists {classes} labels: expected [{classes}] raw logits"
-        )
-    if not torch.isfinite(logits).all():
-        raise ValueError("dry run produced NaN or infinite outputs")
-    ones = torch.ones(2, device=logits.device)
-    if (logits >= 0).all() and torch.allclose(logits.sum(dim=1), ones, atol=1e-4):
-        raise ValueError(
-            "outputs already sum to 1: the network applies softmax itself; store it without the "
-            "final softmax (convserve applies it once)"
-        )
-    if torch.allclose(logits.exp().sum(dim=1), ones, atol=1e-4):
-        raise ValueError("outputs are log-probabilities (log_softmax); store raw logits")
-
-
-def load_classifier(folder: Path, name: str, version: int, device: torch.device) -> Classifier:
-    """Verify hash, architecture, keys/shapes, labels, input spec and a dry run, then load."""
+def read_checked(folder: Path, name: str, version: int) -> tuple[ModelSpec, list[str]]:
+    """model.json, checked, and the weights file against its recorded hash; the warnings about
+    doubtful input specs. ModelLoadError with the reason otherwise."""
     try:
         spec = read_spec(folder / SPEC_FILE)
     except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -211,26 +126,6 @@ def load_classifier(folder: Path, name: str, version: int, device: torch.device)
                 f"{WEIGHTS_FILE} has sha256 {digest[:12]}... but model.json records "
                 f"{spec.sha256[:12]}...: the file was changed or corrupted"
             )
-        module = build_model(spec.architecture, spec.arguments)
-        try:
-            state = load_file(str(weights), device="cpu")
-        except Exception as exc:
-            raise ValueError(f"{WEIGHTS_FILE} is not a readable safetensors file: {exc}") from None
-        _check_state(module, state)
-        module.load_state_dict(state, strict=True)
-        module.eval().requires_grad_(False).to(device)
-        _dry_run(module, spec, device)
-        shape = (spec.input.channels, spec.input.height, spec.input.width)
-        calls = trace(module, torch.zeros((1, *shape), device=device))
-        anatomy = describe(module, shape, calls)
-        layers = heatmap_layers(calls)
-        if spec.heatmap_layer not in layers:
-            raise ValueError(
-                f"heatmap_layer {spec.heatmap_layer!r} is not a layer of the network; "
-                f"valid: {', '.join(layers)}"
-            )
-    except (ValueError, ArchitectureError) as exc:
+    except ValueError as exc:
         raise ModelLoadError(name, version, str(exc)) from None
-    return Classifier(
-        name, version, spec, module, device, anatomy, layers, warnings + anatomy.warnings
-    )
+    return spec, warnings

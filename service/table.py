@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.anatomy import Anatomy
+from service.card import Anatomy
 
 
 def _dims(values: list[int] | None) -> str:

@@ -21,12 +21,11 @@ from service.engines import (
     OnnxEngine,
     OnnxMeta,
     check_agreement,
-    ensure_onnx,
-    select_engine,
 )
 from service.importing import import_torchvision
 from service.spec import sha256_file
 from service.store import ModelStore
+from service.torch_engine import ensure_onnx, select_engine
 from tests.conftest import ready_client
 from tests.support import BUNDLED_STORE, held_out_digits, png_bytes
 
@@ -168,7 +167,7 @@ def test_the_auto_decision_is_recorded_and_only_trusted_for_the_same_facts(
         record.write_bytes(msgspec.json.encode(forged))
         caplog.clear()
         select_engine(*args)
-        assert f"measured with another {fact}" in caplog.text
+        assert f"worked out with another {fact}" in caplog.text
         remeasured = msgspec.json.decode(record.read_bytes(), type=Decision)
         assert remeasured.facts == measured.facts
         assert set(remeasured.timings_ms) == {"torch", "onnxruntime"}

@@ -22,6 +22,7 @@ from service.convolution import open_convolution
 from service.heatmaps import heatmap_layers
 from service.imaging import DecodeLimits, prepare_image
 from service.importing import import_torchvision
+from service.network import Network
 from service.spec import InputSpec, ModelSpec, now_iso
 from service.store import ModelStore
 from tests.conftest import app_client
@@ -288,9 +289,9 @@ def test_grouped_dilated_strided_convolutions_redo_by_hand() -> None:
         sha256="",
         created=now_iso(),
     )
-    classifier = Classifier(
-        "odd", 1, spec, module, CPU, describe(module, shape, calls), heatmap_layers(calls), []
-    )
+    network = Network(module, CPU)
+    anatomy, layers = describe(module, shape, calls), heatmap_layers(calls)
+    classifier = Classifier("odd", 1, spec, "cpu", anatomy, layers, [], network)
     array = np.random.default_rng(1).normal(size=shape).astype(np.float32)
     for layer in ("conv1", "conv2"):
         conv = open_convolution(classifier, array, layer)

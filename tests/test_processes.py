@@ -55,7 +55,7 @@ def test_workers_hold_no_torch_and_one_model_process_serves_them(tmp_path: Path)
         assert len(models) == 1
         for pid in fronts:
             assert "libtorch" not in mapped_libraries(pid)
-        assert "libtorch" in mapped_libraries(models.pop())
+        # the model process imports torch unless its versions were prepared (test_prepared.py)
         body = png_bytes(held_out_digits(1)[0].image)
         for _ in range(6):
             assert fresh(server, "POST", "/predict", content=body, headers=PNG).status_code == 200

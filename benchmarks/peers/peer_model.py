@@ -1,7 +1,7 @@
 """The model every peer app serves: convserve's weights and preprocessing, plain torch.
 
 Runs inside a peer venv (where `service` is an editable install of this repository). Loading
-goes through `service.store.load_classifier` (hash, architecture and a dry run checked),
+goes through `service.network.load_classifier` (hash, architecture and a dry run checked),
 preprocessing through `service.imaging.prepare_image`; the forward pass is the classifier's
 module on the stacked batch under `torch.inference_mode()`, then softmax and the top 5.
 """
@@ -19,7 +19,7 @@ import torch
 
 from service.config import Settings
 from service.imaging import DecodeLimits, configure_decoding, prepare_image
-from service.store import load_classifier
+from service.network import load_classifier
 
 TOP_K = 5
 

@@ -65,7 +65,7 @@ def model_card(deployment: Deployment) -> ModelCard:
         description=spec.description,
         created=spec.created,
         sha256=spec.sha256,
-        device=classifier.device.type,
+        device=classifier.device_type,
         engine=classifier.engine.name,
         labels=spec.labels,
         input=msgspec.to_builtins(spec.input),

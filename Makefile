@@ -55,6 +55,7 @@ bench: $(STAMP) ## benchmark against the in-process limit, a naive server and pe
 	$(BIN)/python -m benchmarks.driver
 	$(BIN)/python -m benchmarks.workers
 	$(BIN)/python -m benchmarks.first_request
+	$(BIN)/python -m benchmarks.ready
 
 soak: $(STAMP) ## 20,000 mixed requests; fails if the server's memory grows past the bound
 	$(BIN)/python -m benchmarks.soak

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +61,76 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def process_tree(pid: int) -> list[int]:
+    """A process and all its live descendants (uvicorn workers, a peer's workers, a JVM)."""
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            children = task.read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            found += process_tree(int(child))
+    return found
+
+
+def _start_time(pid: int) -> str | None:
+    """Field 22 of /proc/<pid>/stat, which tells a process from a later one given its pid;
+    None once it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the process group `pgid` is still alive."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_group(
+    process: subprocess.Popen[bytes], timeout: float, *, whole_group: bool = True
+) -> int:
+    """End a process started with `start_new_session=True`, its group and its descendants.
+
+    SIGTERM the group (or, with whole_group=False, only its leader, which then stops its own
+    workers), wait up to `timeout` for every member to exit, then SIGKILL what is left: the
+    group, and any process of its tree (as it was before the stop) that left the group (Ray's
+    workers do). Returns how many of those strays there were.
+    """
+    if process.poll() is not None and not group_alive(process.pid):
+        return 0  # stopped before: its pid may be another process's by now
+    tree = {pid: _start_time(pid) for pid in process_tree(process.pid)}
+    with contextlib.suppress(ProcessLookupError):
+        if whole_group:
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.perf_counter() + timeout
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=timeout)
+    while group_alive(process.pid) and time.perf_counter() < deadline:
+        time.sleep(0.05)  # workers (and a JVM) shut down after the leader
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # stragglers
+    process.wait()
+    strays = [pid for pid, began in tree.items() if began and _start_time(pid) == began]
+    for pid in strays:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.perf_counter() + 5.0
+    while any(_start_time(pid) for pid in strays) and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    return len(strays)
+
+
 def free_port() -> int:
     import socket
 
@@ -73,7 +146,6 @@ class Server:
         self, env: dict[str, str], command: list[str] | None = None, cwd: Path | None = None
     ) -> None:
         """`cwd`: where `python -m service` resolves `service` first (another checkout)."""
-        import subprocess
         import sys
 
         self.port = free_port()
@@ -87,6 +159,7 @@ class Server:
             cwd=cwd,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: stop() ends every worker
         )
 
     def wait_ready(self, path: str = "/health/ready", timeout: float = 300.0) -> float:
@@ -105,16 +178,10 @@ class Server:
             time.sleep(0.02)
         raise TimeoutError(f"{self.url} not ready")
 
-    def stop(self) -> None:
-        import signal
-
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except Exception:
-                self.process.kill()
-                self.process.wait()
+    def stop(self) -> int:
+        """SIGTERM the server (it drains and stops its workers); after 30 s at most, SIGKILL
+        what is left of its process group and tree. Returns how many had left the group."""
+        return stop_group(self.process, 30.0, whole_group=False)
 
     def __enter__(self) -> Server:
         return self

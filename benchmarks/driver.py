@@ -38,7 +38,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import RESULTS, Server, free_port, machine, markdown_table, write_results
+from benchmarks.common import (
+    RESULTS,
+    Server,
+    free_port,
+    machine,
+    markdown_table,
+    process_tree,
+    write_results,
+)
 from benchmarks.heatmaps import full_backward_grad_cam
 from benchmarks.peers import PEERS, RunningPeer
 from service.classifier import Classifier
@@ -167,19 +175,6 @@ def inprocess(model: Model, report: Report, sizes: tuple[int, ...] = (1, 8, 32))
 # ---- servers --------------------------------------------------------------------------------
 
 
-def process_tree(pid: int) -> list[int]:
-    """A process and all its live descendants (uvicorn workers, a peer's workers, a JVM)."""
-    found = [pid]
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            children = task.read_text().split()
-        except OSError:
-            continue
-        for child in children:
-            found += process_tree(int(child))
-    return found
-
-
 def process_cpu(pid: int) -> float:
     """CPU time (user + system) of one process, 0 once it is gone."""
     try:
@@ -246,31 +241,49 @@ class Target:
         self.peer: RunningPeer | None = None
         self.server: Server | None = None
         self.url = ""
+        self.ready_url = ""
         self.thread_count: int | None = threads
 
-    def start(self) -> None:
+    def launch(self) -> None:
+        """Start the server without waiting for it: `url` and `ready_url` are set, `started`
+        is its launch time."""
         env = {"CONVSERVE_STORE": str(self.model.store), "CONVSERVE_MODELS": self.model.name,
                "CONVSERVE_THREADS": str(self.threads)}  # fmt: skip
         if self.name in PEERS:
             folder = self.model.store / self.model.name / "1"
             self.peer = PEERS[self.name].start(folder, free_port(), self.threads)
-            self.peer.wait_ready()
-            self.url = self.peer.url
-            self.thread_count = self.peer.threads()
+            self.url, self.ready_url = self.peer.url, self.peer.ready_url
             return
         if self.name == "naive":
             env |= {"NAIVE_MODEL": self.model.name, "NAIVE_THREADS": str(self.threads)}
             self.server = Server(env, [sys.executable, "-m", "benchmarks.naive_server"])
-            self.server.wait_ready("/ready")
-            self.url = f"{self.server.url}/predict"
+            self.url, self.ready_url = f"{self.server.url}/predict", f"{self.server.url}/ready"
             return
         if self.name == "convserve-torch":
             env["CONVSERVE_ENGINE"] = "torch"
         if self.name == "convserve-2w":
             env["CONVSERVE_WORKERS"] = "2"
         self.server = Server(env | self.env, cwd=self.cwd)
-        self.server.wait_ready()
         self.url = f"{self.server.url}/models/{self.model.name}/predict"
+        self.ready_url = f"{self.server.url}/health/ready"
+
+    def start(self) -> None:
+        """Launch the server and wait until it is ready."""
+        self.launch()
+        if self.peer is not None:
+            self.peer.wait_ready()
+            self.thread_count = self.peer.threads()
+        else:
+            assert self.server is not None
+            self.server.wait_ready(self.ready_url.removeprefix(self.server.url))
+
+    @property
+    def started(self) -> float:
+        """time.perf_counter() when the server's process was launched."""
+        if self.peer is not None:
+            return self.peer.started
+        assert self.server is not None
+        return self.server.started
 
     @property
     def pid(self) -> int:
@@ -290,11 +303,13 @@ class Target:
             return batch_totals(self.server.url)
         return None
 
-    def stop(self) -> None:
+    def stop(self) -> int:
+        """Stop the server; returns how many of its processes had left its process group."""
         if self.peer is not None:
-            self.peer.stop()
+            return self.peer.stop()
         if self.server is not None:
-            self.server.stop()
+            return self.server.stop()
+        return 0
 
 
 @dataclass

@@ -23,12 +23,10 @@ after.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -38,6 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from benchmarks.common import free_port, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = Path(__file__).resolve().parent / "peers"
@@ -153,27 +153,10 @@ class RunningPeer:
             total += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
         return total / ticks
 
-    def _group_alive(self) -> bool:
-        try:
-            os.killpg(self.process.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the whole process group (workers included), SIGKILL what is left."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        deadline = time.perf_counter() + timeout
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=timeout)
-        while self._group_alive() and time.perf_counter() < deadline:
-            time.sleep(0.05)  # workers and the JVM shut down after the leader
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)  # stragglers
-        self.process.wait()
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM the whole process group (workers included), SIGKILL what is left, of the
+        group and of the process tree. Returns how many had left the group."""
+        return stop_group(self.process, timeout)
 
     def __enter__(self) -> RunningPeer:
         return self
@@ -261,9 +244,10 @@ class Peer:
         command, url, ready = self.command(
             model_dir, port, threads, max_batch_size, max_delay_ms, run
         )
-        env = _quiet_env(threads)
+        env = _quiet_env(threads) | self.environment()
         env["PEER_EVENTS"] = str(events)
         env["PATH"] = f"{self.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+        launched = time.perf_counter()  # as Server.started: just before the process starts
         with log.open("wb") as sink:
             process = subprocess.Popen(
                 command,
@@ -276,7 +260,9 @@ class Peer:
             )
         settings = {"threads": threads, "max_batch_size": max_batch_size,
                     "max_delay_ms": max_delay_ms, "batching": self.batching}  # fmt: skip
-        return RunningPeer(self.name, url, ready, process, log, events, settings=settings)
+        return RunningPeer(
+            self.name, url, ready, process, log, events, started=launched, settings=settings
+        )
 
     def app_args(
         self, model_dir: Path, port: int, threads: int, max_batch_size: int, max_delay_ms: float
@@ -307,6 +293,11 @@ class Peer:
     def extra_args(self, run: Path) -> list[str]:
         """Arguments only this peer's launcher takes."""
         return []
+
+    def environment(self) -> dict[str, str]:
+        """Variables only this peer reads (those read when its package is imported: the app
+        would set them too late)."""
+        return {}
 
 
 class LitServe(Peer):
@@ -348,10 +339,39 @@ class TorchServe(Peer):
         return ["--run-dir", str(run)]
 
 
-PEERS: dict[str, Peer] = {peer.name: peer for peer in (LitServe(), BentoML(), TorchServe())}
+class RayServe(Peer):
+    name = "rayserve"
+    framework = ("ray[serve]>=2.58,<2.61",)
+    batching = (
+        "@serve.batch(max_batch_size=32, batch_wait_timeout_s=max_delay_ms/1000): the replica "
+        "waits up to batch_wait_timeout_s from the first queued request or until the batch is "
+        "full; one replica (num_replicas=1) with max_ongoing_requests=1000 (Serve's default of "
+        "5 would cap every batch at 5); a private local Ray cluster, no dashboard"
+    )
+    app, predict_path, ready_path = "rayserve_app.py", "/predict", "/-/healthz"
+
+    def environment(self) -> dict[str, str]:
+        return {
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # Ray 2.60 turns token authentication on for a new local cluster and writes the
+            # token into ~/.ray; this cluster is on 127.0.0.1 and lives as long as the run.
+            "RAY_AUTH_MODE": "disabled",
+            # Every Ray process on 127.0.0.1: Ray swaps a loopback node address for the
+            # machine's interface address unless this switch (named for laptops) is off.
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            # Ray's crash handler would take SIGTERM over from Python and end the app at once,
+            # skipping its ray.shutdown() and the removal of its temp folder.
+            "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1",
+        }
 
 
-def _post(url: str, body: bytes) -> dict[str, Any]:
+PEERS: dict[str, Peer] = {
+    peer.name: peer for peer in (LitServe(), BentoML(), TorchServe(), RayServe())
+}
+
+
+def post_image(url: str, body: bytes) -> dict[str, Any]:
+    """POST a raw JPEG body; the one answer (BentoML's list unwrapped). Raises on non-200."""
     request = urllib.request.Request(
         url, data=body, method="POST", headers={"Content-Type": "image/jpeg"}
     )
@@ -360,14 +380,6 @@ def _post(url: str, body: bytes) -> dict[str, Any]:
     # BentoML's batchable APIs answer each request with a list (here of one result)
     answer: dict[str, Any] = result[0] if isinstance(result, list) else result
     return answer
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def reference(model_dir: Path, body: bytes) -> list[float]:
@@ -393,12 +405,12 @@ def check(peer: Peer, concurrent: int = 32, threads: int = 1) -> dict[str, Any]:
     """Serve `digits`, classify digit-4.jpg, then `concurrent` requests at once."""
     body = EXAMPLE.read_bytes()
     expected = reference(DIGITS, body)
-    with peer.start(DIGITS, _free_port(), threads=threads) as running:
+    with peer.start(DIGITS, free_port(), threads=threads) as running:
         ready_s = running.wait_ready()
-        single = _post(running.url, body)
+        single = post_image(running.url, body)
         top = single["predictions"][0]
         with ThreadPoolExecutor(concurrent) as pool:
-            burst = list(pool.map(lambda _: _post(running.url, body), range(concurrent)))
+            burst = list(pool.map(lambda _: post_image(running.url, body), range(concurrent)))
         tops = {answer["predictions"][0]["label"] for answer in burst}
         sizes = running.batch_sizes()
         cpu_s = running.cpu_seconds()

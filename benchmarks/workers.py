@@ -34,7 +34,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import machine, markdown_table, write_results
+from benchmarks.common import machine, markdown_table, process_tree, write_results
 from benchmarks.driver import (
     ROOT,
     LoadResult,
@@ -46,7 +46,6 @@ from benchmarks.driver import (
     measure,
     prepare_models,
     process_cpu,
-    process_tree,
     summarize,
 )
 from benchmarks.peers import PEERS

@@ -8,6 +8,8 @@ CRDS := tests/crds/node_modules/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # the decode path's memory bound under fuzzing (tests/test_fuzz.py uses the same)
 FUZZ_RSS_MB := 1024
+# installs benchmarks.memory measures, by interpreter (add a CPU-torch venv's python to compare)
+MEMORY_PYTHONS ?= $(BIN)/python
 
 .DEFAULT_GOAL := help
 
@@ -56,6 +58,8 @@ bench: $(STAMP) ## benchmark against the in-process limit, a naive server and pe
 	$(BIN)/python -m benchmarks.workers
 	$(BIN)/python -m benchmarks.first_request
 	$(BIN)/python -m benchmarks.ready
+	$(BIN)/python -m benchmarks.swap
+	$(BIN)/python -m benchmarks.memory --python $(MEMORY_PYTHONS)
 
 soak: $(STAMP) ## 20,000 mixed requests; fails if the server's memory grows past the bound
 	$(BIN)/python -m benchmarks.soak

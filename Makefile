@@ -52,7 +52,7 @@ fuzz: $(STAMP) ## fuzz the image decode path for ten minutes (atheris); fails on
 	$(BIN)/python tests/fuzz_decode.py artifacts/fuzz-corpus -max_total_time=600 \
 		-rss_limit_mb=$(FUZZ_RSS_MB) -timeout=10 -artifact_prefix=artifacts/
 
-bench: $(STAMP) ## benchmark against the in-process limit, a naive server and peers (about 30 min)
+bench: $(STAMP) ## benchmark against the in-process limit, a naive server and peers (about 60 min)
 	command -v hey >/dev/null || (apt-get update -q && apt-get install -y -q hey)
 	$(BIN)/python -m benchmarks.driver
 	$(BIN)/python -m benchmarks.workers

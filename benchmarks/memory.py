@@ -38,8 +38,8 @@ from pathlib import Path
 import httpx
 import msgspec
 
-from benchmarks.common import Server, markdown_table, write_results
-from benchmarks.driver import ROOT, process_tree
+from benchmarks.common import Server, markdown_table, process_tree, write_results
+from benchmarks.driver import ROOT
 from benchmarks.workers import FRONT, Memory, Process, memory
 from service.api.schemas import ModelList
 from service.importing import import_torchvision

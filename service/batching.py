@@ -83,6 +83,7 @@ class Batcher:
         self._wake = asyncio.Event()
         self._closed = False
         self._worker: asyncio.Task[None] | None = None
+        self.formed: set[int] = set()  # batch sizes it ran: what a successor warms up
         self._labels = (classifier.name, str(classifier.version))
         # the labelled series this batcher updates on every batch, looked up once
         self._depth = metrics.QUEUE_DEPTH.labels(*self._labels)
@@ -289,6 +290,7 @@ class Batcher:
         kind = "predict" if explain is None else explain.method
         metrics.INFERENCE.labels(*self._labels, kind).observe(elapsed)
         self._batch_size.observe(size)
+        self.formed.add(size)
         self._images.inc(size)
         for outcome in outcomes:
             self._top.observe(float(outcome.probabilities.max()))

@@ -43,15 +43,19 @@ def route_of(classifier: Classifier) -> Route:
     )
 
 
-def warm_up_sizes(max_batch_size: int, device: str) -> list[int]:
+def warm_up_sizes(max_batch_size: int, device: str, formed: set[int]) -> list[int]:
     """The batch sizes to run once before a version takes traffic. On a GPU, every size the
     batcher can form (kernels are chosen per shape). On a CPU, the largest first (torch's and
     ONNX Runtime's memory pools grow to it once) and then 1: measured on resnet18, every other
     size then runs its first batch as fast as its second (within 1.3x, the run-to-run noise),
-    while warming all 32 sizes took 13 s of a 16 s start (docs/benchmarks.md#time-to-ready)."""
+    while warming all 32 sizes took 13 s of a 16 s start (docs/benchmarks.md#time-to-ready).
+    The largest is the largest the model's serving versions actually `formed`, when they did:
+    a version swapped in under load warms what the traffic needs, not a batch of 32 that
+    competes with serving for the cores."""
     if device.startswith("cuda"):
         return list(range(1, max_batch_size + 1))
-    return sorted({max_batch_size, 1}, reverse=True)
+    largest = min(max(formed), max_batch_size) if formed else max_batch_size
+    return sorted({largest, 1}, reverse=True)
 
 
 def resolve_device(choice: str) -> str:
@@ -112,9 +116,10 @@ class Loader:
         loop = asyncio.get_running_loop()
         with self.catalog.loading(name, version):  # ConflictError while it already loads
             metrics.MODEL_LOAD_FAILURES.labels(name)
+            formed = self._formed(name)
             try:
                 classifier, seconds = await loop.run_in_executor(
-                    self.thread, self._build, name, version
+                    self.thread, self._build, name, version, formed
                 )
             except (ModelLoadError, ServiceError) as exc:
                 reason = exc.reason if isinstance(exc, ModelLoadError) else exc.detail
@@ -150,10 +155,15 @@ class Loader:
             await deployment.batcher.drain()
             await deployment.batcher.stop()
 
+    def _formed(self, name: str) -> set[int]:
+        """The batch sizes the model's loaded versions have run."""
+        deployments = [d for d in self.catalog.deployments() if d.classifier.name == name]
+        return {size for deployment in deployments for size in deployment.batcher.formed}
+
     def _batch_size(self, classifier: Classifier) -> int:
         return batch_size(classifier.spec, self.settings)
 
-    def _build(self, name: str, version: int) -> tuple[Classifier, float]:
+    def _build(self, name: str, version: int, formed: set[int]) -> tuple[Classifier, float]:
         """Runs on the loader thread: verify, load (service.prepared, else in full with torch),
         choose the engine, warm up (warm_up_sizes)."""
         started = time.perf_counter()
@@ -164,7 +174,9 @@ class Loader:
 
             classifier = full_load(folder, name, version, self.settings, self.device)
         if self.settings.warmup:
-            classifier.warm_up(warm_up_sizes(self._batch_size(classifier), self.device))
+            sizes = warm_up_sizes(self._batch_size(classifier), self.device, formed)
+            classifier.warm_up(sizes)
+            log.info("model %s v%d warmed up at batch sizes %s", name, version, sizes)
         return classifier, time.perf_counter() - started
 
     def _batcher(self, classifier: Classifier) -> Batcher:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -140,6 +141,21 @@ async def test_version_swap_under_load_loses_nothing(tmp_path: Path) -> None:
         assert expected[1] != expected[2]
         assert check_labelled(load.results, expected) == {1, 2}
         assert len(load.results) > 50
+
+
+async def test_a_version_swapped_in_warms_the_batch_sizes_traffic_formed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not a batch of 32 competing with serving for the cores when the traffic forms ones."""
+    caplog.set_level(logging.INFO, logger="convserve.catalog")
+    body = png_bytes(held_out_digits(1)[0].image)
+    async with digits_app(tmp_path) as client:
+        assert "model digits v1 warmed up at batch sizes [32, 1]" in caplog.text
+        for _ in range(5):  # one at a time: batches of 1
+            assert (await client.post("/predict", content=body, headers=PNG)).status_code == 200
+        add_version(tmp_path / "store", "lenet5", 2)
+        assert (await client.post("/models/digits/versions/2/load", headers=KEY)).status_code == 200
+        assert "model digits v2 warmed up at batch sizes [1]" in caplog.text
 
 
 async def test_aliases_move_atomically(tmp_path: Path) -> None:

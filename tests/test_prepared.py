@@ -62,7 +62,8 @@ def test_a_restart_serves_without_torch_until_a_heatmap_needs_it(tmp_path: Path)
         assert [r.status_code for r in run[1:5] if isinstance(r, httpx.Response)] == [200] * 3
     assert second[1].json() == first[1].json()  # the same engine answers, bit for bit
     assert second[2] == first[2], "the recorded card is the card"
-    assert first[2]["anatomy"]["layers"] and first[2]["engine"] == "onnxruntime"
+    assert first[2]["anatomy"]["layers"]
+    assert first[2]["engine"] == "onnxruntime"
     a, b = (np.array(run[3].json()["results"][0]["heatmap"]["grid"]) for run in runs)
     assert np.allclose(a, b, atol=1e-5), "Grad-CAM from the network built on first need"
     assert second[4].json()["post"] == first[4].json()["post"]
@@ -75,9 +76,11 @@ def test_load_prepared_needs_both_records_for_exactly_these_files(tmp_path: Path
     assert load_prepared(folder, "digits", 1, settings, "cpu") is None  # nothing recorded yet
     full = full_load(folder, "digits", 1, settings, "cpu")
     prepared = load_prepared(folder, "digits", 1, settings, "cpu")
-    assert prepared is not None and full.engine.name == prepared.engine.name == "onnxruntime"
+    assert prepared is not None
+    assert full.engine.name == prepared.engine.name == "onnxruntime"
     assert not prepared.has_network
-    assert prepared.anatomy == full.anatomy and prepared.layers == full.layers
+    assert prepared.anatomy == full.anatomy
+    assert prepared.layers == full.layers
     assert prepared.warnings == full.warnings
     arrays = [np.random.default_rng(0).normal(size=(1, 28, 28)).astype(np.float32)] * 3
     assert np.array_equal(prepared.predict(arrays), full.predict(arrays))

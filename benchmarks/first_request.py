@@ -1,17 +1,18 @@
-"""Time to ready and the first requests, against the code before the engine decision was
-recorded and the CPU warm-up cut to the sizes that matter.
+"""Time to ready and the first requests, against the code before prepared versions served
+without torch.
 
-    .venv/bin/python -m benchmarks.first_request [--baseline-commit 0e73f0c] [--steady 500]
+    .venv/bin/python -m benchmarks.first_request [--baseline-commit 90e71d6] [--steady 10000]
 
 For the bundled digits and resnet18 (random init, imported: its ONNX file is in the store),
 each at the default CONVSERVE_MAX_BATCH_SIZE (32) and worker count:
-  - `before`: the baseline commit's code (every start measures torch against ONNX Runtime and
-    warms every batch size 1..32);
+  - `before`: the baseline commit's code (0e73f0c: every start measures torch against ONNX
+    Runtime and warms every batch size 1..32; 90e71d6: the decision is recorded, but every start
+    imports torch and rebuilds the network);
   - `first start`: this code on an empty cache directory (it measures, then records);
   - `restart`: this code again on the same cache (the recorded decision is used).
 Figures: process start to /health/ready 200; the first request; the p50 of the first 50
-sequential requests against the p50 of 50 after `--steady` more; a first burst of 12
-concurrent requests (new batch sizes) against a steady one. Writes
+sequential requests against the p50 of 50 after `--steady` more (sent by 4 clients); a first
+burst of 12 concurrent requests (new batch sizes) against a steady one. Writes
 benchmarks/results/first_request.json and .md.
 """
 
@@ -33,6 +34,7 @@ from service.importing import import_torchvision
 from service.store import ModelStore
 
 DIGIT = ROOT / "docs" / "examples" / "digit-4.jpg"
+STEADY_CLIENTS = 4
 
 
 def timed_post(client: httpx.Client, path: str, body: bytes) -> float:
@@ -61,8 +63,12 @@ def measure(server: Server, name: str, body: bytes, steady: int) -> dict[str, fl
     path = f"/models/{name}/predict"
     with httpx.Client(base_url=server.url, timeout=60) as client:
         first50 = [timed_post(client, path, body) for _ in range(50)]
-        for _ in range(steady):
-            timed_post(client, path, body)
+        clients = [httpx.Client(base_url=server.url, timeout=60) for _ in range(STEADY_CLIENTS)]
+        with ThreadPoolExecutor(STEADY_CLIENTS) as pool:  # the steady traffic, concurrently
+            list(pool.map(lambda i: timed_post(clients[i % STEADY_CLIENTS], path, body),
+                          range(steady)))  # fmt: skip
+        for other in clients:
+            other.close()
         later50 = [timed_post(client, path, body) for _ in range(50)]
     first_burst = burst(server.url, path, body, 12)
     steady_burst = statistics.median(burst(server.url, path, body, 12) for _ in range(5))
@@ -74,8 +80,9 @@ def measure(server: Server, name: str, body: bytes, steady: int) -> dict[str, fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
-    parser.add_argument("--baseline-commit", default="0e73f0c", help="the code before")
-    parser.add_argument("--steady", type=int, default=500, help="requests between the two 50s")
+    parser.add_argument("--baseline-commit", default="90e71d6", help="the code before")
+    parser.add_argument("--steady", type=int, default=10_000,
+                        help=f"requests between the 50s ({STEADY_CLIENTS} clients)")  # fmt: skip
     options = parser.parse_args()
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp, checkout(options.baseline_commit) as before:

@@ -214,11 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from service.logs import configure_logging
     from service.preflight import check_store
-    from service.server import serve
 
-    check_store(args.settings)
-    return serve(args.settings)
+    settings = args.settings
+    check_store(settings)
+    configure_logging(settings.log_format, settings.log_level)
+    if settings.workers > 0:  # the supervisor imports no server: its children start sooner
+        from service.supervisor import Supervisor
+
+        return Supervisor(settings).run()
+    from service.server import serve_single
+
+    return serve_single(settings)
 
 
 def _check_writable(root: Path) -> None:

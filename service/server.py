@@ -15,7 +15,6 @@ import uvicorn
 
 from service.config import Settings
 from service.inference import Requests
-from service.logs import configure_logging
 from service.protocols import HttpLimits, LimitedConfig
 
 log = logging.getLogger("convserve")
@@ -113,14 +112,8 @@ def _config(settings: Settings, app: Any, **extra: Any) -> uvicorn.Config:
     )
 
 
-def serve(settings: Settings) -> int:
-    """`convserve serve`: a supervisor with its workers and model process, or (workers 0) the
-    whole service in this one process."""
-    configure_logging(settings.log_format, settings.log_level)
-    if settings.workers > 0:
-        from service.supervisor import Supervisor  # the single process needs none
-
-        return Supervisor(settings).run()
+def serve_single(settings: Settings) -> int:
+    """`convserve serve` with CONVSERVE_WORKERS=0: the whole service in this one process."""
     from service.app import create_app  # front workers must not import torch
 
     app = create_app(settings)

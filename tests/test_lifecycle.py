@@ -303,7 +303,8 @@ async def test_watching_loads_new_versions_and_reports_broken_ones(tmp_path: Pat
         assert response.json()["model"]["version"] == 2
 
         # an unload through the API sticks although the version is still in the store
-        assert (await client.post("/models/digits/versions/2/unload", headers=KEY)).status_code == 200
+        unloaded = await client.post("/models/digits/versions/2/unload", headers=KEY)
+        assert unloaded.status_code == 200
         await asyncio.sleep(1.0)  # ten scans
         assert (await status())["serving_version"] == 1
         assert 2 not in {v["version"] for v in (await status())["versions"]}

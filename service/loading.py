@@ -90,6 +90,8 @@ class Loader:
         self.device = device
         self.inference = inference
         self.thread = thread
+        # unloaded on request: the store watcher leaves them out until a load asks again
+        self.unloaded: set[tuple[str, int]] = set()
 
     async def load_store(self) -> None:
         """Load every version of every configured model; failures are recorded, not raised."""
@@ -114,6 +116,7 @@ class Loader:
         whatever served before keeps serving.
         """
         loop = asyncio.get_running_loop()
+        self.unloaded.discard((name, version))
         with self.catalog.loading(name, version):  # ConflictError while it already loads
             metrics.MODEL_LOAD_FAILURES.labels(name)
             formed = self._formed(name)
@@ -144,6 +147,7 @@ class Loader:
     async def unload(self, name: str, version: int) -> None:
         """Stop routing to a version, let its queue finish, then free it."""
         deployment = self.catalog.remove(name, version)
+        self.unloaded.add((name, version))
         classifier = deployment.classifier
         labels = (name, str(version), classifier.spec.architecture, classifier.device_type)
         metrics.MODEL_INFO.labels(*labels).set(0)

@@ -2,7 +2,8 @@
 
 A version counts once its model.json exists (writers put it last; `convserve train` and
 `import` rename a finished folder into place). A version that fails verification is recorded
-and retried only when its files change, and never replaces a working version.
+and retried only when its files change, and never replaces a working version. A version
+unloaded through the management API stays unloaded until a load asks for it again.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class StoreWatcher:
         store = self.loader.store
         for name in store.names():
             for version in store.versions(name):
-                if self._taken(name, version):
+                if self._taken(name, version) or (name, version) in self.loader.unloaded:
                     continue
                 folder = store.root / name / str(version)
                 marks = fingerprint(folder)

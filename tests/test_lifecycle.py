@@ -302,6 +302,15 @@ async def test_watching_loads_new_versions_and_reports_broken_ones(tmp_path: Pat
         response = await client.post("/predict", content=bodies[0], headers=PNG)
         assert response.json()["model"]["version"] == 2
 
+        # an unload through the API sticks although the version is still in the store
+        unloaded = await client.post("/models/digits/versions/2/unload", headers=KEY)
+        assert unloaded.status_code == 200
+        await asyncio.sleep(1.0)  # ten scans
+        assert (await status())["serving_version"] == 1
+        assert 2 not in {v["version"] for v in (await status())["versions"]}
+        assert (await client.post("/models/digits/versions/2/load", headers=KEY)).status_code == 200
+        assert (await status())["serving_version"] == 2
+
 
 def test_readiness_waits_for_warm_up(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "store")

@@ -14,6 +14,7 @@ import numpy as np
 from service.batching import Admission
 from service.catalog import Catalog, Deployment
 from service.classifier import Classifier
+from service.errors import InferenceError, ModelLoadError
 from service.inference import Answer, Explain, Route, Ticket
 from service.memory import Trimmer
 
@@ -34,7 +35,11 @@ async def _network(classifier: Classifier) -> None:
     """Build a prepared version's network (importing torch, seconds) off the inference thread
     before a heatmap or layer-map pass needs it, so predictions keep flowing meanwhile."""
     if not classifier.has_network:
-        await asyncio.to_thread(lambda: classifier.network)
+        try:
+            await asyncio.to_thread(lambda: classifier.network)
+        except ModelLoadError as exc:  # its files changed since it was loaded
+            raise InferenceError(f"the network for this heatmap could not be built: {exc.reason}"
+                                 ) from None  # fmt: skip
 
 
 class LocalModels:

@@ -18,6 +18,7 @@ from service.network import full_load
 from service.prepared import load_prepared
 from service.spec import SPEC_FILE
 from service.store import WEIGHTS_FILE, ModelStore
+from tests.conftest import ready_client
 from tests.support import BUNDLED_STORE, child_pids, held_out_digits, png_bytes, running_server
 
 PNG = {"content-type": "image/png"}
@@ -68,6 +69,23 @@ def test_a_restart_serves_without_torch_until_a_heatmap_needs_it(tmp_path: Path)
     assert np.allclose(a, b, atol=1e-5), "Grad-CAM from the network built on first need"
     assert second[4].json()["post"] == first[4].json()["post"]
     assert second[5], "the heatmap brought torch in"
+
+
+@pytest.mark.anyio
+async def test_a_network_that_cannot_be_built_fails_its_heatmap_alone(tmp_path: Path) -> None:
+    """Weights changed under a prepared version: the heatmap gets a problem saying so, plain
+    predictions keep being answered by the verified ONNX file."""
+    settings = settings_for(tmp_path)
+    full_load(ModelStore(settings.store).path("digits", 1), "digits", 1, settings, "cpu")
+    body = png_bytes(held_out_digits(1)[0].image)
+    async with ready_client(settings) as client:
+        weights = settings.store / "digits" / "1" / WEIGHTS_FILE
+        weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+        heatmap = await client.post("/predict?heatmap=gradcam", content=body, headers=PNG)
+        assert heatmap.status_code == 500
+        assert heatmap.headers["content-type"] == "application/problem+json"
+        assert "changed or corrupted" in heatmap.json()["detail"]
+        assert (await client.post("/predict", content=body, headers=PNG)).status_code == 200
 
 
 def test_load_prepared_needs_both_records_for_exactly_these_files(tmp_path: Path) -> None:

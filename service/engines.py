@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -100,16 +101,19 @@ def check_agreement(a: Engine, b: Engine, input_shape: tuple[int, int, int]) -> 
     return worst
 
 
-def median_ms(engine: Engine, batch: np.ndarray, repeats: int = 5) -> float:
-    """Median batch time after one untimed call. Five runs: resnet18's engines differ by 30%
-    here and vary by 10%; each run more costs a first start about 0.3 s."""
-    engine.logits(batch)
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+def race(engines: Sequence[Engine], batch: np.ndarray, rounds: int = 3) -> dict[str, float]:
+    """Median batch time (ms) of each engine over `rounds` alternating runs, after one untimed
+    run each. Alternating, the machine's drift hits both alike, so three rounds decide
+    (resnet18's engines differ by 30% here); each round more costs a first start 0.3 s."""
+    samples: dict[str, list[float]] = {engine.name: [] for engine in engines}
+    for engine in engines:
         engine.logits(batch)
-        samples.append((time.perf_counter() - started) * 1000.0)
-    return statistics.median(samples)
+    for _ in range(rounds):
+        for engine in engines:
+            started = time.perf_counter()
+            engine.logits(batch)
+            samples[engine.name].append((time.perf_counter() - started) * 1000.0)
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def onnx_sha(path: Path) -> str:
@@ -128,7 +132,7 @@ def auto_choice(torch_engine: Engine, onnx: OnnxEngine, facts: dict[str, str], c
         engine = "torch"
         if difference <= TOLERANCE:
             batch = np.zeros((batch_size, *input_shape), dtype=np.float32)
-            timings = {e.name: median_ms(e, batch) for e in (torch_engine, onnx)}
+            timings = race((torch_engine, onnx), batch)
             engine = min(timings, key=lambda name: timings[name])
         decision = Decision(facts, engine, difference, timings)
         remember(cache, decision)

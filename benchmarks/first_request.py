@@ -83,13 +83,15 @@ def main() -> None:
     parser.add_argument("--baseline-commit", default="90e71d6", help="the code before")
     parser.add_argument("--steady", type=int, default=10_000,
                         help=f"requests between the 50s ({STEADY_CLIENTS} clients)")  # fmt: skip
+    parser.add_argument("--models", nargs="+", choices=("digits", "resnet18"),
+                        default=["digits", "resnet18"], help="which models to run")  # fmt: skip
     options = parser.parse_args()
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp, checkout(options.baseline_commit) as before:
         import_torchvision(ModelStore(Path(tmp) / "store"), "resnet18", "resnet18", weights=None)
         cases = [("digits", ROOT / "model_store", DIGIT.read_bytes()),
                  ("resnet18", Path(tmp) / "store", photo())]  # fmt: skip
-        for name, store, body in cases:
+        for name, store, body in [case for case in cases if case[0] in options.models]:
             ours = {"CONVSERVE_STORE": str(store), "CONVSERVE_CACHE_DIR": f"{tmp}/cache-{name}"}
             runs: list[tuple[str, dict[str, str], Path | None]] = [
                 ("before", {"CONVSERVE_STORE": str(store)}, before),

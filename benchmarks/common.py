@@ -163,19 +163,21 @@ class Server:
         )
 
     def wait_ready(self, path: str = "/health/ready", timeout: float = 300.0) -> float:
-        """Seconds from process start until `path` answered 200."""
+        """Seconds from process start until `path` answered 200. One client for every poll: a
+        new one each time (httpx.get) loads a TLS context, CPU the starting server lacks."""
         import httpx
 
         deadline = time.perf_counter() + timeout
-        while time.perf_counter() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}")
-            try:
-                if httpx.get(self.url + path, timeout=1).status_code == 200:
-                    return time.perf_counter() - self.started
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.02)
+        with httpx.Client(base_url=self.url, timeout=1) as client:
+            while time.perf_counter() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.process.returncode}")
+                try:
+                    if client.get(path).status_code == 200:
+                        return time.perf_counter() - self.started
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.02)
         raise TimeoutError(f"{self.url} not ready")
 
     def stop(self) -> int:

@@ -140,7 +140,9 @@ def free_port() -> int:
 
 
 class Server:
-    """`convserve serve` (or any command) as a separate process on a free port."""
+    """`convserve serve` (or any command) as a separate process on a free port. Its response
+    cache is off unless `env` turns it on: the loads send the same photo again and again, and
+    what they measure is answering it (peers have no such cache; benchmarks.cache measures it)."""
 
     def __init__(
         self, env: dict[str, str], command: list[str] | None = None, cwd: Path | None = None
@@ -151,7 +153,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         environ = {**os.environ, "CONVSERVE_PORT": str(self.port), "CONVSERVE_LOG_LEVEL": "warning",
-                   **env}  # fmt: skip
+                   "CONVSERVE_CACHE_ENTRIES": "0", **env}  # fmt: skip
         self.started = time.perf_counter()
         self.process = subprocess.Popen(
             command or [sys.executable, "-m", "service", "serve"],

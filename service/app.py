@@ -24,6 +24,7 @@ def create_app(settings: Settings, *, start_when_loaded: bool = False) -> Litest
     runtime = Runtime(settings)
     models = LocalModels(runtime.catalog)
     requests = Requests(settings, models)
+    runtime.catalog.on_change.append(requests.models_changed)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

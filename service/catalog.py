@@ -9,7 +9,7 @@ so a request sees either the old state or the new one. No torch here: it only ro
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +151,8 @@ class Catalog:
         self._models: dict[str, ModelEntry] = {}
         self._configured: list[str] = []
         self._started = False
+        # told after a version starts or stops serving (the response cache drops its answers)
+        self.on_change: list[Callable[[], None]] = []
 
     # ---- what readers see ------------------------------------------------------------------
 
@@ -204,6 +206,7 @@ class Catalog:
         entry.deployments[deployment.version] = deployment  # the switch
         entry.failures.pop(deployment.version, None)
         self._publish_ready()
+        self._changed()
         return old
 
     def remove(self, name: str, version: int) -> Deployment:
@@ -226,6 +229,7 @@ class Catalog:
         if entry.default_version == version:
             entry.default_version = None
         self._publish_ready()
+        self._changed()
         return deployment
 
     def mark_started(self) -> None:
@@ -235,6 +239,10 @@ class Catalog:
 
     def deployments(self) -> list[Deployment]:
         return [d for entry in self._models.values() for d in entry.deployments.values()]
+
+    def _changed(self) -> None:
+        for listener in self.on_change:
+            listener()
 
     def _publish_ready(self) -> None:
         metrics.READY.set(1 if self.ready else 0)

@@ -143,6 +143,7 @@ class Forwarded(msgspec.Struct):
 
 class ModelsStatus(msgspec.Struct):
     ready: bool
+    loaded: list[tuple[str, int, str]]  # every version loaded: (model, version, instance)
 
 
 def failure_of(exc: ServiceError) -> Failure:

@@ -74,6 +74,14 @@ def _workers(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    rule = "must be a whole number >= 0"
+    value = _int(text, rule)
+    if value < 0:
+        raise ValueError(rule)
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     rule = "must be a number >= 0"
     value = _float(text, rule)
@@ -195,6 +203,8 @@ class Settings:
     max_request_line_bytes: int = 8 * 1024
     header_timeout_s: float = 10.0
     max_connections: int = 1024
+    cache_entries: int = 4096
+    cache_mb: int = 64
 
     @classmethod
     def from_env(
@@ -305,6 +315,8 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "max_request_line_bytes": _positive_int,
     "header_timeout_s": _positive_float,
     "max_connections": _positive_int,
+    "cache_entries": _non_negative_int,
+    "cache_mb": _non_negative_int,
 }
 
 HELP: dict[str, str] = {
@@ -350,4 +362,8 @@ HELP: dict[str, str] = {
     "max_request_line_bytes": "longest request line, method and target, in bytes (414 above)",
     "header_timeout_s": "a connection must send a whole request head this soon (408, closed)",
     "max_connections": "open connections per worker process; beyond it 503 and closed",
+    "cache_entries": (
+        "answers each worker process keeps for images sent again (0: no response cache)"
+    ),
+    "cache_mb": "memory each worker process's response cache may hold, heatmaps included",
 }

@@ -158,8 +158,9 @@ def create_front_app(
     """The worker's ASGI app. `wait_for_models` finishes start-up only once the model process
     is ready: a replacement worker takes no connection it could only answer with 503."""
 
-    def readiness_changed() -> None:
+    def readiness_changed() -> None:  # and what is loaded: told at every status poll
         metrics.READY.set(1 if requests.ready else 0)
+        requests.models_changed()
 
     link = RemoteModels(socket_path, ARENA_BYTES, readiness_changed)
     requests = Requests(settings, link)

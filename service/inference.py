@@ -22,6 +22,7 @@ import msgspec
 import numpy as np
 
 from service import metrics
+from service.answers import AnswerCache, Cached, digest
 from service.config import Settings
 from service.decoder import DecoderConfig
 from service.decoding import DecodePool
@@ -34,10 +35,12 @@ from service.errors import (
 )
 from service.imaging import PreparedImage
 from service.memory import Trimmer
+from service.overlay import overlay_png
 from service.spec import InputSpec
 
 log = logging.getLogger("convserve")
 T = TypeVar("T")
+OFF_LOOP_BYTES = 1 << 20  # images above this, all together, are hashed in a worker thread
 
 
 async def gather_first_error(futures: Sequence[asyncio.Future[T]]) -> list[T]:
@@ -54,6 +57,7 @@ class Route(msgspec.Struct, frozen=True):
 
     name: str
     version: int
+    instance: str  # unique to this load of it: a reload or a restarted process is another
     input: InputSpec
     labels: list[str]
     heatmap_layer: str
@@ -128,6 +132,11 @@ class Models(Protocol):
     @property
     def ready(self) -> bool: ...
 
+    @property
+    def loaded(self) -> list[tuple[str, int, str]]:
+        """Every version loaded now, as (model, version, instance)."""
+        ...
+
     async def route(self, name: str | None, version: str | None) -> Route: ...
 
     def admit(
@@ -168,7 +177,15 @@ class Image:
 class Classified:
     route: Route  # the version that answered (a swap may land while the body is read)
     answers: list[Answer]
-    prepared: list[PreparedImage | None]  # decoded images, None for arrays sent as they are
+    overlays: list[bytes | None]  # each heatmap as a PNG over its picture, when one was asked
+    cached: bool = False  # answered from the response cache: no decode, no forward pass
+
+
+def _overlay(answer: Answer, prepared: PreparedImage | None) -> bytes | None:
+    explained = answer.explained
+    if explained is None or prepared is None or prepared.display is None:
+        return None
+    return overlay_png(prepared.display, prepared.box, explained.grid)
 
 
 def _moved(first: Route, admitted: Route) -> bool:
@@ -192,11 +209,16 @@ class Requests:
             settings.decode_threads, thread_name_prefix="convserve-paint"
         )
         self.trimmer = Trimmer(self.painters)
+        self.answers = AnswerCache(settings.cache_entries, settings.cache_mb * 1024 * 1024)
         self.draining = False
         self.inflight = 0
 
     async def start(self) -> None:
         await self.decoders.start()
+
+    def models_changed(self) -> None:
+        """A version started or stopped serving: drop the cached answers of loads that ended."""
+        self.answers.retain(self.models.loaded)
 
     @property
     def ready(self) -> bool:
@@ -270,11 +292,53 @@ class Requests:
         *,
         explain: Callable[[Route], Explain | None] = lambda route: None,
         target: int | None = None,
-        keep_display: bool = False,
+        paint: bool = False,
         check: Callable[[Route], object] = lambda route: None,
     ) -> Classified:
         """Images (bytes to decode, or (C, H, W) arrays already preprocessed) -> one answer
-        each, in order. The queue places are taken before decoding, so a flood is refused
+        each, in order, with its heatmap drawn over the picture when `paint`. A request whose
+        every image was answered before comes from the response cache."""
+        digests = await self._digests(items)
+        if digests is not None:
+            keys = self.answers.keys(first, digests, explain(first), target)
+            found = self.answers.lookup(first.name, keys)
+            if found is not None:
+                return Classified(
+                    first, [c.answer for c in found], [c.overlay for c in found], cached=True
+                )
+        classified = await self._classify(
+            first, version, items, deadline, explain, target, paint, check
+        )
+        if digests is not None:
+            route = classified.route
+            keys = self.answers.keys(route, digests, explain(route), target)
+            answered = zip(classified.answers, classified.overlays, strict=True)
+            self.answers.store(keys, [Cached(a, o) for a, o in answered])
+        return classified
+
+    async def _digests(self, items: Sequence[Image | np.ndarray]) -> list[bytes] | None:
+        """The response cache's keys for these images (None with the cache off); large bodies
+        are hashed off the event loop (hashlib lets go of the interpreter lock)."""
+        if not self.answers.enabled:
+            return None
+        data = [item.data if isinstance(item, Image) else item for item in items]
+        size = sum(len(d) if isinstance(d, bytes) else d.nbytes for d in data)
+        if size > OFF_LOOP_BYTES:
+            return await asyncio.to_thread(lambda: [digest(d) for d in data])
+        return [digest(d) for d in data]
+
+    async def _classify(
+        self,
+        first: Route,
+        version: str | None,
+        items: Sequence[Image | np.ndarray],
+        deadline: float,
+        explain: Callable[[Route], Explain | None],
+        target: int | None,
+        paint: bool,
+        check: Callable[[Route], object],
+    ) -> Classified:
+        """Decode and run. The queue places are taken before decoding, so a flood is refused
         before it costs a decode, and a forming batch knows these images are coming."""
         async with self.models.admit(first.name, version, len(items)) as ticket:
             route = ticket.route
@@ -288,7 +352,7 @@ class Requests:
                         "the request was read; send it again"
                     )
             images = [item for item in items if isinstance(item, Image)]
-            decoded = iter(await self.prepare(route, images, deadline, keep_display=keep_display))
+            decoded = iter(await self.prepare(route, images, deadline, keep_display=paint))
             prepared: list[PreparedImage | None] = []
             arrays: list[np.ndarray] = []
             for item in items:
@@ -300,7 +364,24 @@ class Requests:
                     prepared.append(None)
                     arrays.append(item)
             answers = await self.models.run(ticket, arrays, deadline, explain(route), target)
-        return Classified(route, answers, prepared)
+        overlays: list[bytes | None] = [None] * len(answers)
+        if paint and any(answer.explained is not None for answer in answers):
+            overlays = await self._paint(answers, prepared)
+        return Classified(route, answers, overlays)
+
+    async def _paint(
+        self, answers: Sequence[Answer], prepared: Sequence[PreparedImage | None]
+    ) -> list[bytes | None]:
+        """Each heatmap drawn over its picture, in the painters' threads."""
+        loop = asyncio.get_running_loop()
+        pictures = [
+            loop.run_in_executor(self.painters, _overlay, answer, image)
+            for answer, image in zip(answers, prepared, strict=True)
+        ]
+        try:
+            return [*await gather_first_error(pictures)]
+        finally:
+            self.trimmer.soon()  # gradients, displays and overlays: much memory, now free
 
     async def open_layer(
         self,

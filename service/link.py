@@ -71,6 +71,7 @@ class RemoteModels:
         self.on_status = on_status  # told whenever readiness may have changed
         self.connected = False
         self.models_ready = False
+        self.loaded: list[tuple[str, int, str]] = []  # as the last status told (every 0.5 s)
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._abandoned: dict[int, tuple[int, int]] = {}  # call -> arena slot, until its reply
@@ -152,6 +153,7 @@ class RemoteModels:
             with contextlib.suppress(Exception):
                 status = await self._call(Status(), ModelsStatus)
                 self.models_ready = status.ready
+                self.loaded = status.loaded
                 self.on_status()
             await asyncio.sleep(STATUS_EVERY_S if self.models_ready else RECONNECT_S)
 

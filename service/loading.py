@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from concurrent.futures import Executor
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def route_of(classifier: Classifier) -> Route:
     return Route(
         name=classifier.name,
         version=classifier.version,
+        instance=uuid.uuid4().hex,
         input=spec.input,
         labels=list(spec.labels),
         heatmap_layer=spec.heatmap_layer,

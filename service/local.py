@@ -11,6 +11,7 @@ from functools import partial
 
 import numpy as np
 
+from service.answers import version_of
 from service.batching import Admission
 from service.catalog import Catalog, Deployment
 from service.classifier import Classifier
@@ -51,6 +52,10 @@ class LocalModels:
     @property
     def ready(self) -> bool:
         return self.catalog.ready
+
+    @property
+    def loaded(self) -> list[tuple[str, int, str]]:
+        return [version_of(deployment.route) for deployment in self.catalog.deployments()]
 
     async def route(self, name: str | None, version: str | None) -> Route:
         return self.catalog.resolve(name, version).route

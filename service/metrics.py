@@ -108,6 +108,21 @@ DEVICE_MEMORY = Gauge(
     ["device"],
     multiprocess_mode="livesum",
 )
+CACHE_LOOKUPS = Counter(
+    "convserve_cache_lookups",
+    "Images looked up in the response cache (result: hit, miss)",
+    ["model", "result"],
+)
+CACHE_ENTRIES = Gauge(
+    "convserve_cache_entries",
+    "Answers held by the response cache, all worker processes together",
+    multiprocess_mode="livesum",
+)
+CACHE_BYTES = Gauge(
+    "convserve_cache_bytes",
+    "Memory the response cache's answers and heatmap pictures take, all worker processes",
+    multiprocess_mode="livesum",
+)
 
 
 def render(accept: str) -> tuple[bytes, str]:

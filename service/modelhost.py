@@ -141,7 +141,7 @@ class Session:
         if isinstance(body, Forward):
             return await forward(self.app, body)
         if isinstance(body, Status):
-            return ModelsStatus(self.models.ready)
+            return ModelsStatus(self.models.ready, self.models.loaded)
         raise ServiceError(f"unknown call {type(body).__name__}")
 
     async def _admit(self, body: Admit) -> Admitted:

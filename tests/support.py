@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from service.training import load_mnist_sample, split
 
@@ -38,6 +38,14 @@ def png_bytes(image: Image.Image, format: str = "PNG", **options: object) -> byt
 class Digit:
     image: Image.Image  # 28x28 L, white digit on black as in MNIST
     label: int
+
+
+def resent(image: Image.Image) -> bytes:
+    """The same pixels as png_bytes(image), in other bytes (a text chunk): the response cache
+    has not seen them, so they are decoded and run again, with the same answer."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("convserve-test", "sent again")
+    return png_bytes(image, pnginfo=info)
 
 
 def held_out_digits(count: int, seed: int = 0) -> list[Digit]:

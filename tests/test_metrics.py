@@ -144,9 +144,9 @@ def test_json_access_logs_carry_the_request_id(tmp_path: Path) -> None:
 
 def test_several_workers_report_one_aggregate(tmp_path: Path) -> None:
     with running_server(tmp_path, {"CONVSERVE_WORKERS": "2"}) as server:
-        body = png_bytes(held_out_digits(1)[0].image)
+        digits = [png_bytes(d.image) for d in held_out_digits(30)]  # each one computed
         with httpx.Client(base_url=server.url) as client:
-            for _ in range(30):
+            for body in digits:
                 # a fresh connection each time, so both workers take requests
                 assert (
                     httpx.post(f"{server.url}/predict", content=body, headers=PNG).status_code

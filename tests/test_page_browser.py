@@ -13,7 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from tests.support import (
@@ -401,14 +403,26 @@ class Load:
         self.url = url
         self.stop = threading.Event()
         self.sent = 0
-        self.bodies = [png_bytes(d.image) for d in held_out_digits(16)]
+        self.digits = [np.asarray(d.image) for d in held_out_digits(16)]
+        self.again = png_bytes(held_out_digits(1)[0].image)  # sent again and again: cache hits
         self.threads = [threading.Thread(target=self.run) for _ in range(clients)]
+
+    def body(self, count: int) -> bytes:
+        """A bad body in ten, one image sent again in three, new images otherwise (each its
+        own bytes: one marked pixel, so the response cache cannot answer it)."""
+        if count % 10 == 0:
+            return b"broken"
+        if count % 3 == 0:
+            return self.again
+        pixels = self.digits[count % 16].copy()
+        pixels[0, :3] = (count % 256, count // 256 % 256, count // 65536 % 256)
+        return png_bytes(Image.fromarray(pixels))
 
     def run(self) -> None:
         with httpx.Client(base_url=self.url, timeout=30) as client:
             while not self.stop.is_set():
                 self.sent += 1
-                body = self.bodies[self.sent % 16] if self.sent % 10 else b"broken"
+                body = self.body(self.sent)
                 client.post("/predict", content=body, headers={"content-type": "image/png"})
 
     def __enter__(self) -> Load:
@@ -465,6 +479,9 @@ def test_dashboard_moves_under_load(open_page: Open, server: ServerProcess) -> N
         )
         assert max(bars) > 0
         assert "In flight" in (page.text_content(".stats") or "")
+        assert float(legend(page, "cache", "hits").split(": ")[1].split()[0]) > 0
+        assert float(legend(page, "cache", "misses").split(": ")[1].split()[0]) > 0
+        assert (page.text_content("#stat-cache") or "").endswith("%")
     latencies = [path_of(page, "latency", key) for key in ("p50", "p95", "p99")]
     assert all(latencies), latencies
 

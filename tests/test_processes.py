@@ -67,7 +67,8 @@ def test_a_batch_forms_from_the_requests_of_both_workers(tmp_path: Path) -> None
     worker's. The kernel picks the worker for each connection, so rounds repeat until one
     spreads over both."""
     bodies = [png_bytes(d.image) for d in held_out_digits(6)]
-    env = {**TWO, "CONVSERVE_MAX_DELAY_MS": "300"}
+    # the same six images each round: the response cache would answer them after the first
+    env = {**TWO, "CONVSERVE_MAX_DELAY_MS": "300", "CONVSERVE_CACHE_ENTRIES": "0"}
     with running_server(tmp_path, env) as server, ThreadPoolExecutor(len(bodies)) as pool:
         for _ in range(60):
             before = len(access_lines(server))

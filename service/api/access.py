@@ -39,8 +39,11 @@ def annotate(request: Request[Any, Any, Any], **fields: object) -> None:
 
 def annotate_answer(request: Request[Any, Any, Any], classified: Classified) -> None:
     """The version that answered (a swap may have landed while the body was read) and the
-    largest batch its images rode in."""
+    largest batch its images rode in, or that the response cache answered (no batch)."""
     route = classified.route
+    if classified.cached:
+        annotate(request, model=route.name, version=route.version, cache="hit")
+        return
     batch_size = max(answer.batch_size for answer in classified.answers)
     annotate(request, model=route.name, version=route.version, batch_size=batch_size)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 from collections.abc import Callable
@@ -21,9 +20,7 @@ from service.api.openapi import ImageUploadOperation, problems
 from service.api.schemas import Heatmap, ModelRef, Prediction, PredictResponse, Result
 from service.api.uploads import Upload, read_uploads
 from service.errors import InvalidParameterError, NotAcceptableError
-from service.imaging import PreparedImage
-from service.inference import Answer, Classified, Explain, Requests, Route, gather_first_error
-from service.overlay import overlay_png
+from service.inference import Answer, Classified, Explain, Requests, Route
 
 Method = Literal["gradcam", "activation"]
 PNG = "image/png"
@@ -55,13 +52,11 @@ def top_predictions(probabilities: np.ndarray, labels: list[str], top_k: int) ->
     return [Prediction(labels[i], int(i), float(probabilities[i])) for i in order]
 
 
-def _heatmap(method: str, answer: Answer, prepared: PreparedImage | None) -> Heatmap:
-    """Grid and overlay PNG for one image (runs in the painters' thread pool)."""
+def _heatmap(method: str, answer: Answer, overlay: bytes | None) -> Heatmap:
+    """One image's heatmap: its grid, and the PNG drawn over the picture."""
     explained = answer.explained
     assert explained is not None
-    assert prepared is not None
-    assert prepared.display is not None
-    png = overlay_png(prepared.display, prepared.box, explained.grid)
+    assert overlay is not None
     height, width = explained.grid.shape
     return Heatmap(
         method=method,
@@ -70,7 +65,7 @@ def _heatmap(method: str, answer: Answer, prepared: PreparedImage | None) -> Hea
         width=width,
         height=height,
         grid=explained.grid.tolist(),
-        png=base64.b64encode(png).decode("ascii"),
+        png=base64.b64encode(overlay).decode("ascii"),
     )
 
 
@@ -99,27 +94,16 @@ async def _answer(
     method: str | None,
     layer: str | None,
     target: int | None,
-) -> tuple[Classified, list[Heatmap | None]]:
+) -> Classified:
     """Classify the images and draw their heatmaps: the work a hang-up cancels."""
 
     def explain(route: Route) -> Explain | None:
         return None if method is None else Explain(method, route.heatmap_point(layer))
 
-    classified = await requests.classify(
+    return await requests.classify(
         first, version, uploads, deadline, explain=explain, target=target,
-        keep_display=method is not None, check=_checker(request, method, layer, target),
+        paint=method is not None, check=_checker(request, method, layer, target),
     )  # fmt: skip
-    if method is None:
-        return classified, [None] * len(classified.answers)
-    loop = asyncio.get_running_loop()
-    maps = [
-        loop.run_in_executor(requests.painters, _heatmap, method, answer, image)
-        for answer, image in zip(classified.answers, classified.prepared, strict=True)
-    ]
-    try:
-        return classified, [*await gather_first_error(maps)]
-    finally:
-        requests.trimmer.soon()  # gradients, displays and overlays: much memory, now free
 
 
 async def run_prediction(
@@ -162,18 +146,21 @@ async def _predict(
         raise NotAcceptableError(
             f"Accept: image/png returns one heatmap picture, but {len(uploads)} images were sent"
         )
-    classified, heatmaps = await unless_hung_up(
+    classified = await unless_hung_up(
         request,
         _answer(request, requests, first, version, uploads, deadline, method, layer, target),
     )
     route = classified.route
     annotate_answer(request, classified)
     if wants_png:  # a heatmap was drawn: method defaults to gradcam for image/png
-        assert heatmaps[0] is not None
-        return Response(base64.b64decode(heatmaps[0].png), media_type=PNG)
+        assert classified.overlays[0] is not None
+        return Response(classified.overlays[0], media_type=PNG)
     results = [
-        Result(top_predictions(a.probabilities, route.labels, top_k), h)
-        for a, h in zip(classified.answers, heatmaps, strict=True)
+        Result(
+            top_predictions(answer.probabilities, route.labels, top_k),
+            None if method is None else _heatmap(method, answer, overlay),
+        )
+        for answer, overlay in zip(classified.answers, classified.overlays, strict=True)
     ]
     return Response(PredictResponse(ModelRef(route.name, route.version), results))
 

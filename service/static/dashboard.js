@@ -32,6 +32,10 @@ const charts = {
     { key: "depth", name: "queue depth", colour: "#8e44ad" },
     { key: "inflight", name: "in flight", colour: "#1f5fbf" },
   ], "", (v) => v.toFixed(0)),
+  cache: new Chart($("chart-cache"), [
+    { key: "hits", name: "hits", colour: "#2e8b57" },
+    { key: "misses", name: "misses", colour: "#7f8c8d" },
+  ], "/s"),
   errors: new Chart($("chart-errors"), [
     { key: "errors5xx", name: "5xx", colour: "#c0392b" },
     { key: "errors4xx", name: "4xx", colour: "#d98c00" },
@@ -57,6 +61,9 @@ function interval(a, b) {
   const requests = increase(a, b, "convserve_requests_total");
   const byClass = (prefix) => increase(a, b, "convserve_requests_total", status(prefix));
   const passes = increase(a, b, "convserve_batch_size_count");
+  const lookups = (result) => increase(a, b, "convserve_cache_lookups_total", (labels) => labels.result === result);
+  const hits = lookups("hit");
+  const looked = hits + lookups("miss");
   return {
     time: b.time,
     rate: requests / seconds,
@@ -74,6 +81,9 @@ function interval(a, b) {
     images: increase(a, b, "convserve_images_total") / seconds,
     depth: b.sum("convserve_queue_depth"),
     inflight: b.sum("convserve_inflight_requests"),
+    hits: hits / seconds,
+    misses: (looked - hits) / seconds,
+    hitRate: looked ? (100 * hits) / looked : null,
   };
 }
 
@@ -107,7 +117,7 @@ function render() {
   const now = history[history.length - 1].time;
   // the time axis grows with the history this page has, from one minute up to the window
   const span = Math.min(Math.max(now - history[0].time, 60), WINDOW);
-  for (const key of ["rate", "latency", "stages", "batch", "queue", "errors"]) {
+  for (const key of ["rate", "latency", "stages", "batch", "queue", "cache", "errors"]) {
     charts[key].lines(points, now, span);
   }
   charts.sizes.bars(batchSizes());
@@ -118,6 +128,7 @@ function render() {
   $("stat-batch").textContent = show(latest.batch, 1);
   $("stat-queue").textContent = show(latest.depth, 0);
   $("stat-inflight").textContent = show(latest.inflight, 0);
+  $("stat-cache").textContent = show(latest.hitRate, 0, "%");
   $("updated").textContent = `Updated ${new Date(now * 1000).toLocaleTimeString()}; ${points.length} readings in the window.`;
   $("updated").dataset.readings = String(points.length);
 }

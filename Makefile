@@ -60,6 +60,7 @@ bench: $(STAMP) ## benchmark against the in-process limit, a naive server and pe
 	$(BIN)/python -m benchmarks.ready
 	$(BIN)/python -m benchmarks.swap
 	$(BIN)/python -m benchmarks.memory --python $(MEMORY_PYTHONS)
+	$(BIN)/python -m benchmarks.cache
 
 soak: $(STAMP) ## 20,000 mixed requests; fails if the server's memory grows past the bound
 	$(BIN)/python -m benchmarks.soak

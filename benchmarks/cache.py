@@ -1,6 +1,6 @@
 """The response cache: what an image sent again costs, against computing its answer.
 
-    .venv/bin/python -m benchmarks.cache [--requests 300] [--models digits resnet18]
+    .venv/bin/python -m benchmarks.cache [--requests 200] [--models digits resnet18]
 
 For the bundled digits (docs/examples/digit-4.jpg) and resnet18 (random init, imported; the
 benchmark photo), each with and without a Grad-CAM heatmap, `convserve serve` at its default
@@ -57,7 +57,7 @@ def measure(server: Server, path: str, body: bytes, count: int) -> dict[str, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
-    parser.add_argument("--requests", type=int, default=300, help="per measurement")
+    parser.add_argument("--requests", type=int, default=200, help="per measurement")
     parser.add_argument("--models", nargs="+", choices=("digits", "resnet18"),
                         default=["digits", "resnet18"], help="which models to run")  # fmt: skip
     options = parser.parse_args()

@@ -13,7 +13,6 @@ dropped as soon as this process learns of it. No torch and no litestar here.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -22,6 +21,7 @@ import msgspec
 import numpy as np
 
 from service import metrics
+from service.lru import Lru
 
 if TYPE_CHECKING:
     from service.inference import Answer, Explain, Route
@@ -81,25 +81,18 @@ def _frozen(cached: Cached) -> Cached:
 
 class AnswerCache:
     """Least recently used, bounded by entries and by bytes (CONVSERVE_CACHE_ENTRIES and
-    CONVSERVE_CACHE_MB). Lives on the event loop: no locks."""
+    CONVSERVE_CACHE_MB)."""
 
     def __init__(self, max_entries: int, max_bytes: int) -> None:
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[Key, Cached] = OrderedDict()
-        self._bytes = 0
+        self._entries: Lru[Key, Cached] = Lru(max_entries, max_bytes, lambda c: c.nbytes)
         self._live: frozenset[Version] | None = None
 
     @property
     def enabled(self) -> bool:
-        return self.max_entries > 0 and self.max_bytes > 0
+        return self._entries.enabled
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
 
     def keys(
         self,
@@ -114,26 +107,15 @@ class AnswerCache:
     def lookup(self, model: str, keys: Sequence[Key]) -> list[Cached] | None:
         """Every key's entry, or None when any is missing: a request is answered from the cache
         only as a whole. Counted per image, as a hit or a miss."""
-        found = [self._entries.get(key) for key in keys]
-        if any(entry is None for entry in found):
+        if any(self._entries.peek(key) is None for key in keys):
             metrics.CACHE_LOOKUPS.labels(model, MISS).inc(len(keys))
             return None
-        for key in keys:
-            self._entries.move_to_end(key)
         metrics.CACHE_LOOKUPS.labels(model, HIT).inc(len(keys))
-        return [entry for entry in found if entry is not None]
+        return [entry for entry in map(self._entries.get, keys) if entry is not None]
 
     def store(self, keys: Sequence[Key], entries: Sequence[Cached]) -> None:
         for key, entry in zip(keys, entries, strict=True):
-            size = entry.nbytes
-            if size > self.max_bytes:
-                continue  # larger than the whole cache: keeping it would evict everything
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._bytes -= old.nbytes
-            self._entries[key] = _frozen(entry)
-            self._bytes += size
-        self._shrink()
+            self._entries.put(key, _frozen(entry))
         self._publish()
 
     def retain(self, live: Collection[Version]) -> None:
@@ -142,19 +124,9 @@ class AnswerCache:
         if current == self._live:
             return
         self._live = current
-        stale = [key for key in self._entries if key.version not in current]
-        for key in stale:
-            self._bytes -= self._entries.pop(key).nbytes
-        if stale:
+        if self._entries.drop(lambda key: key.version not in current):
             self._publish()
-
-    def _shrink(self) -> None:
-        while self._entries and (
-            len(self._entries) > self.max_entries or self._bytes > self.max_bytes
-        ):
-            _, entry = self._entries.popitem(last=False)
-            self._bytes -= entry.nbytes
 
     def _publish(self) -> None:
         metrics.CACHE_ENTRIES.set(len(self._entries))
-        metrics.CACHE_BYTES.set(self._bytes)
+        metrics.CACHE_BYTES.set(self._entries.nbytes)

@@ -22,7 +22,7 @@ def create_app(settings: Settings, *, start_when_loaded: bool = False) -> Litest
     `start_when_loaded` finishes start-up only once the models are loaded.
     """
     runtime = Runtime(settings)
-    models = LocalModels(runtime.catalog)
+    models = LocalModels(runtime.catalog, settings)
     requests = Requests(settings, models)
     runtime.catalog.on_change.append(requests.models_changed)
 

@@ -93,7 +93,18 @@ class Status(msgspec.Struct, tag=True):
     pass
 
 
-Body = Resolve | Admit | Run | OpenLayer | Release | Cancel | Forward | Status
+class Keep(msgspec.Struct, tag=True):
+    """Hold an image's bytes for later requests that name it by digest (any worker's)."""
+
+    digest: bytes
+    data: bytes
+
+
+class Kept(msgspec.Struct, tag=True):
+    digest: bytes
+
+
+Body = Resolve | Admit | Run | OpenLayer | Release | Cancel | Forward | Status | Keep | Kept
 
 
 class Call(msgspec.Struct, array_like=True):

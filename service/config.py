@@ -365,5 +365,8 @@ HELP: dict[str, str] = {
     "cache_entries": (
         "answers each worker process keeps for images sent again (0: no response cache)"
     ),
-    "cache_mb": "memory each worker process's response cache may hold, heatmaps included",
+    "cache_mb": (
+        "memory each worker process's response cache may hold, heatmaps included (and the "
+        "model process's kept images)"
+    ),
 }

@@ -127,6 +127,11 @@ class LayerNotFoundError(NotFoundError):
     slug = "layer-not-found"
 
 
+class ImageNotHeldError(NotFoundError):
+    title = "Image not held"
+    slug = "image-not-held"
+
+
 class RequestTimeoutError(ServiceError):
     status_code = 408
     title = "Request timeout"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
@@ -29,6 +30,7 @@ from service.decoding import DecodePool
 from service.errors import (
     ConflictError,
     DeadlineExceededError,
+    ImageNotHeldError,
     InvalidParameterError,
     LayerNotFoundError,
     ShuttingDownError,
@@ -41,6 +43,7 @@ from service.spec import InputSpec
 log = logging.getLogger("convserve")
 T = TypeVar("T")
 OFF_LOOP_BYTES = 1 << 20  # images above this, all together, are hashed in a worker thread
+IMAGE_ID = re.compile(r"[0-9a-f]{64}")  # a kept image's sha256, in hex
 
 
 async def gather_first_error(futures: Sequence[asyncio.Future[T]]) -> list[T]:
@@ -139,6 +142,12 @@ class Models(Protocol):
 
     async def route(self, name: str | None, version: str | None) -> Route: ...
 
+    async def keep(self, digest: bytes, data: bytes) -> bool:
+        """Hold an image for later requests that name it (False: not held, over the bounds)."""
+        ...
+
+    async def kept(self, digest: bytes) -> bytes | None: ...
+
     def admit(
         self, name: str | None, version: str | None, count: int
     ) -> AbstractAsyncContextManager[Ticket]:
@@ -215,6 +224,30 @@ class Requests:
 
     async def start(self) -> None:
         await self.decoders.start()
+
+    async def keep(self, image: Image) -> str | None:
+        """Hold one uploaded image in the model owner, so later requests from any worker may
+        name it instead of sending it again: its id (the sha256 in hex), or None when not
+        held (the response cache is off, or the image is larger than CONVSERVE_CACHE_MB)."""
+        if not self.answers.enabled:
+            return None
+        key = await asyncio.to_thread(digest, image.data)
+        return key.hex() if await self.models.keep(key, image.data) else None
+
+    async def named(self, ident: str) -> Image:
+        """The image a request names by the id a `keep` gave it."""
+        if not IMAGE_ID.fullmatch(ident):
+            raise InvalidParameterError(
+                f"image={ident[:80]!r} is not an image id: the 64 hex digits of the Image-Id "
+                "header a request with keep=true got back"
+            )
+        data = await self.models.kept(bytes.fromhex(ident))
+        if data is None:
+            raise ImageNotHeldError(
+                f"image {ident[:12]}... is not held by this server (kept images are let go, "
+                "oldest first, and a restart forgets them); send the image again"
+            )
+        return Image("body", data)
 
     def models_changed(self) -> None:
         """A version started or stopped serving: drop the cached answers of loads that ended."""

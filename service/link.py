@@ -30,6 +30,8 @@ from service.channel import (
     Forward,
     Forwarded,
     Hello,
+    Keep,
+    Kept,
     ModelsStatus,
     OpenLayer,
     Ran,
@@ -203,6 +205,12 @@ class RemoteModels:
 
     async def route(self, name: str | None, version: str | None) -> Route:
         return await self._call(Resolve(name, version), Route)
+
+    async def keep(self, digest: bytes, data: bytes) -> bool:
+        return await self._call(Keep(digest, data), bool)
+
+    async def kept(self, digest: bytes) -> bytes | None:
+        return await self._call(Kept(digest), bytes | None)  # type: ignore[arg-type]
 
     @asynccontextmanager
     async def admit(

@@ -15,9 +15,13 @@ from service.answers import version_of
 from service.batching import Admission
 from service.catalog import Catalog, Deployment
 from service.classifier import Classifier
+from service.config import Settings
 from service.errors import InferenceError, ModelLoadError
 from service.inference import Answer, Explain, Route, Ticket
+from service.lru import Lru
 from service.memory import Trimmer
+
+KEPT_IMAGES = 64  # the page keeps one per picture shown; 64 serve a few people at once
 
 
 @dataclass(eq=False)
@@ -44,8 +48,10 @@ async def _network(classifier: Classifier) -> None:
 
 
 class LocalModels:
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, settings: Settings) -> None:
         self.catalog = catalog
+        # images a client asked to keep (`keep=true`), for every worker: their bytes by sha256
+        self.images: Lru[bytes, bytes] = Lru(KEPT_IMAGES, settings.cache_mb << 20, len)
         # gradients and layer maps: much memory, given back once such answers go quiet
         self.trimmer = Trimmer()
 
@@ -56,6 +62,12 @@ class LocalModels:
     @property
     def loaded(self) -> list[tuple[str, int, str]]:
         return [version_of(deployment.route) for deployment in self.catalog.deployments()]
+
+    async def keep(self, digest: bytes, data: bytes) -> bool:
+        return self.images.put(digest, data)
+
+    async def kept(self, digest: bytes) -> bytes | None:
+        return self.images.get(digest)
 
     async def route(self, name: str | None, version: str | None) -> Route:
         return self.catalog.resolve(name, version).route

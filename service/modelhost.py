@@ -40,6 +40,8 @@ from service.channel import (
     Forward,
     Forwarded,
     Hello,
+    Keep,
+    Kept,
     ModelsStatus,
     OpenLayer,
     Ran,
@@ -142,6 +144,10 @@ class Session:
             return await forward(self.app, body)
         if isinstance(body, Status):
             return ModelsStatus(self.models.ready, self.models.loaded)
+        if isinstance(body, Keep):
+            return await self.models.keep(body.digest, body.data)
+        if isinstance(body, Kept):
+            return await self.models.kept(body.digest)
         raise ServiceError(f"unknown call {type(body).__name__}")
 
     async def _admit(self, body: Admit) -> Admitted:
@@ -262,7 +268,7 @@ class ModelHost:
         self.settings = settings
         self.path = path
         self.runtime = Runtime(settings)
-        self.models = LocalModels(self.runtime.catalog)
+        self.models = LocalModels(self.runtime.catalog, settings)
         # the model routes' dependency; this process never decodes, so it is never started
         requests = Requests(settings, self.models)
 

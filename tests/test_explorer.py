@@ -215,7 +215,8 @@ async def test_route_is_in_the_openapi_schema(client: httpx.AsyncClient) -> None
     schema = (await client.get("/schema/openapi.json")).json()
     operation = schema["paths"]["/models/{name}/layers/{layer}/maps"]["post"]
     assert "kernels" in operation["summary"]
-    assert {p["name"] for p in operation["parameters"]} == {"name", "layer", "version"}
+    assert {p["name"] for p in operation["parameters"]} == {"name", "layer", "version", "image",
+                                                            "keep"}  # fmt: skip
     answer = operation["responses"]["200"]["content"]["application/json"]["schema"]
     assert answer["$ref"].endswith("/LayerMaps")
     fields = schema["components"]["schemas"]["LayerMaps"]["properties"]

@@ -9,6 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.app import create_app
+from service.config import Settings
+from tests.conftest import app_client
 from tests.support import (
     BUNDLED_STORE,
     digit_picture,
@@ -23,10 +26,6 @@ PNG = {"content-type": "image/png"}
 
 def picture(seed: int = 0) -> bytes:
     return png_bytes(digit_picture(held_out_digits(1, seed)[0]))
-
-
-def without_timing(body: bytes) -> bytes:
-    return body  # the explorer's JSON carries no timing: equal bytes mean equal maps
 
 
 async def test_a_kept_image_is_named_instead_of_sent(client: httpx.AsyncClient) -> None:
@@ -88,3 +87,13 @@ def test_every_worker_finds_a_kept_image(tmp_path: Path) -> None:
             assert named.json() == sent.json()
         log = server.output()
         assert "Traceback" not in log
+
+
+async def test_with_the_cache_off_nothing_is_kept(tmp_path: Path) -> None:
+    settings = Settings.from_env(
+        {"CONVSERVE_STORE": str(BUNDLED_STORE), "CONVSERVE_CACHE_ENTRIES": "0"}
+    )
+    async with app_client(create_app(settings)) as client:
+        answer = await client.post("/predict?keep=true", content=picture(seed=14), headers=PNG)
+        assert answer.status_code == 200, answer.text
+        assert "image-id" not in answer.headers  # the page then sends the image each time

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, Request, sync_playwright
 
 from tests.support import (
     ARTIFACTS,
@@ -391,6 +391,42 @@ def test_phone_width(open_page: Open, tmp_path: Path) -> None:
     dashboard = open_page("/dashboard", width=375, height=812)
     dashboard.wait_for_selector("#chart-rate svg")
     assert dashboard.evaluate("document.documentElement.scrollWidth") <= 375
+
+
+def test_the_page_sends_each_image_once(open_page: Open, tmp_path: Path) -> None:
+    """One image goes up once: its heatmaps, the explorer, another layer, another top-k and
+    another model name it by the id the service keeps it under (any worker finds it)."""
+    page = open_page("/")
+    models_loaded(page)
+    posts: list[tuple[str, str]] = []  # (url, content type): only a request with a body has one
+
+    def note(sent: Request) -> None:
+        if sent.method == "POST":
+            posts.append((sent.url, sent.headers.get("content-type", "")))
+
+    page.on("request", note)
+    path, label = digit_file(tmp_path, 3)
+    upload(page, path, label)
+    page.wait_for_selector('#activation[data-layer="conv1"]')
+    page.wait_for_selector("#step-sum")  # the explorer has its maps
+    page.check('input[name="layer"][value="conv2"]')
+    page.wait_for_selector('#activation[data-layer="conv2"]')
+    with page.expect_response(lambda r: "/layers/conv2/maps" in r.url) as maps:
+        page.select_option("#conv-layer", "conv2")
+    assert maps.value.status == 200
+    page.fill("#top-k", "3")
+    page.dispatch_event("#top-k", "change")
+    page.wait_for_function("() => document.querySelectorAll('#predictions li').length === 3")
+    with page.expect_response(lambda r: "model=lenet5" in r.url and "gradcam" in r.url) as other:
+        page.select_option("#model", "lenet5")
+    assert other.value.status == 200
+    sent = [url for url, kind in posts if kind.startswith("image/")]
+    named = [url for url, kind in posts if not kind]
+    assert len(sent) == 1, posts
+    assert "keep=true" in sent[0]
+    assert sent[0] == posts[0][0]  # the first request carried it
+    assert len(named) >= 6, posts
+    assert all("image=" in url for url in named), named
 
 
 # ---- the dashboard ---------------------------------------------------------------------------

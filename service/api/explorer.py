@@ -14,8 +14,8 @@ from service.api.access import annotate
 from service.api.dependencies import RequestsDep
 from service.api.hangup import unless_hung_up
 from service.api.openapi import ImageUploadOperation, problems
-from service.api.predict import VersionQuery
-from service.api.uploads import read_uploads
+from service.api.predict import ImageQuery, KeepQuery, VersionQuery
+from service.api.uploads import kept_header, read_images
 from service.errors import BadRequestError
 from service.inference import Route
 from service.layermaps import LayerMaps
@@ -25,7 +25,8 @@ from service.layermaps import LayerMaps
     "/models/{name:str}/layers/{layer:str}/maps",
     summary="A conv layer's kernels, bias and feature maps for one image",
     description=(
-        "Send one image (raw body or one multipart `file` part). The answer holds the layer's "
+        "Send one image (raw body or one multipart `file` part), or name a kept one with "
+        "`image=<id>`. The answer holds the layer's "
         "input, kernels and bias and its maps before (`pre`) and after (`post`) the activation, "
         "as base64 float32 arrays, computed by the serving model in one forward pass. "
         "`layer` is a conv layer from the model card's `heatmap_layers`."
@@ -43,6 +44,8 @@ async def maps(
     name: FromPath[str],
     layer: FromPath[str],
     version: VersionQuery = None,
+    image: ImageQuery = None,
+    keep: KeepQuery = False,
 ) -> Response[bytes]:
     with requests.admitted():
         deadline = time.monotonic() + requests.settings.deadline_s
@@ -51,12 +54,12 @@ async def maps(
             annotate(request, model=route.name, version=route.version, layer=layer)
             route.conv_layer(layer)  # 404 naming the conv layers
 
-        first, uploads = await requests.route_body(
-            name, version, partial(read_uploads, request, requests.settings, deadline), check
+        first, sent = await requests.route_body(
+            name, version, partial(read_images, request, requests, deadline, image, keep), check
         )
-        if len(uploads) != 1:
-            raise BadRequestError(f"send one image to look inside a layer; got {len(uploads)}")
+        if len(sent.uploads) != 1:
+            raise BadRequestError(f"send one image to look inside a layer; got {len(sent.uploads)}")
         _, body = await unless_hung_up(
-            request, requests.open_layer(first, version, uploads[0], layer, deadline, check)
+            request, requests.open_layer(first, version, sent.uploads[0], layer, deadline, check)
         )
-        return Response(body, media_type=MediaType.JSON)
+        return Response(body, media_type=MediaType.JSON, headers=kept_header(sent))

@@ -55,8 +55,11 @@ class ImageUploadOperation(Operation):
             required=["file"],
         )
         self.request_body = RequestBody(
-            required=True,
-            description="one image (any format Pillow reads), or several as multipart `file` parts",
+            required=False,  # none when `image=<id>` names a kept image
+            description=(
+                "one image (any format Pillow reads), or several as multipart `file` parts; "
+                "no body with `image=<id>`"
+            ),
             content={
                 "image/*": OpenAPIMediaType(schema=BINARY),
                 "application/octet-stream": OpenAPIMediaType(schema=BINARY),

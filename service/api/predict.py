@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any, Literal
 
@@ -18,7 +19,7 @@ from service.api.dependencies import RequestsDep
 from service.api.hangup import unless_hung_up
 from service.api.openapi import ImageUploadOperation, problems
 from service.api.schemas import Heatmap, ModelRef, Prediction, PredictResponse, Result
-from service.api.uploads import Upload, read_uploads
+from service.api.uploads import Upload, kept_header, read_images
 from service.errors import InvalidParameterError, NotAcceptableError
 from service.inference import Answer, Classified, Explain, Requests, Route
 
@@ -39,6 +40,20 @@ HeatmapQuery = Annotated[
     Method | None, QueryParameter(description="heatmap to return with each result")
 ]
 LayerQuery = Annotated[str | None, QueryParameter(description="heatmap layer (see the model card)")]
+ImageQuery = Annotated[
+    str | None,
+    QueryParameter(
+        description="a kept image's id (the Image-Id header of a request with keep=true), "
+        "sent instead of the image: no body"
+    ),
+]
+KeepQuery = Annotated[
+    bool,
+    QueryParameter(
+        description="hold the one image sent, so later requests name it with image=<id> "
+        "(its id comes back in the Image-Id header)"
+    ),
+]
 TargetQuery = Annotated[
     int | None,
     QueryParameter(ge=0, description="class index Grad-CAM explains (default: top class)"),
@@ -106,18 +121,27 @@ async def _answer(
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Ask:
+    """The query of a prediction: what to return, and where its image comes from."""
+
+    top_k: int
+    heatmap: str | None
+    layer: str | None
+    target: int | None
+    image: str | None
+    keep: bool
+
+
 async def run_prediction(
     request: Request[Any, Any, Any],
     requests: RequestsDep,
     name: str | None,
     version: str | None,
-    top_k: int,
-    heatmap: str | None,
-    layer: str | None,
-    target: int | None,
+    ask: Ask,
 ) -> Response[object]:
     with requests.admitted():
-        return await _predict(request, requests, name, version, top_k, heatmap, layer, target)
+        return await _predict(request, requests, name, version, ask)
 
 
 async def _predict(
@@ -125,23 +149,22 @@ async def _predict(
     requests: RequestsDep,
     name: str | None,
     version: str | None,
-    top_k: int,
-    heatmap: str | None,
-    layer: str | None,
-    target: int | None,
+    ask: Ask,
 ) -> Response[object]:
     deadline = time.monotonic() + requests.settings.deadline_s
     wants_png = request.accept.best_match([JSON, PNG], default=JSON) == PNG
-    method = heatmap or ("gradcam" if wants_png else None)
+    method = ask.heatmap or ("gradcam" if wants_png else None)
+    layer, target = ask.layer, ask.target
     if method is None and (layer is not None or target is not None):
         raise InvalidParameterError(
             "`layer` and `target` apply only with heatmap=gradcam|activation"
         )
-    first, uploads = await requests.route_body(
+    first, sent = await requests.route_body(
         name, version,
-        partial(read_uploads, request, requests.settings, deadline),
+        partial(read_images, request, requests, deadline, ask.image, ask.keep),
         _checker(request, method, layer, target),
     )  # fmt: skip
+    uploads = sent.uploads
     if wants_png and len(uploads) != 1:
         raise NotAcceptableError(
             f"Accept: image/png returns one heatmap picture, but {len(uploads)} images were sent"
@@ -154,15 +177,16 @@ async def _predict(
     annotate_answer(request, classified)
     if wants_png:  # a heatmap was drawn: method defaults to gradcam for image/png
         assert classified.overlays[0] is not None
-        return Response(classified.overlays[0], media_type=PNG)
+        return Response(classified.overlays[0], media_type=PNG, headers=kept_header(sent))
     results = [
         Result(
-            top_predictions(answer.probabilities, route.labels, top_k),
+            top_predictions(answer.probabilities, route.labels, ask.top_k),
             None if method is None else _heatmap(method, answer, overlay),
         )
         for answer, overlay in zip(classified.answers, classified.overlays, strict=True)
     ]
-    return Response(PredictResponse(ModelRef(route.name, route.version), results))
+    body = PredictResponse(ModelRef(route.name, route.version), results)
+    return Response(body, headers=kept_header(sent))
 
 
 PREDICT_RESPONSES = {
@@ -187,8 +211,11 @@ async def predict(
     heatmap: HeatmapQuery = None,
     layer: LayerQuery = None,
     target: TargetQuery = None,
+    image: ImageQuery = None,
+    keep: KeepQuery = False,
 ) -> Response[object]:
-    return await run_prediction(request, requests, model, version, top_k, heatmap, layer, target)
+    ask = Ask(top_k, heatmap, layer, target, image, keep)
+    return await run_prediction(request, requests, model, version, ask)
 
 
 @post("/models/{name:str}/predict", summary="Classify images with the named model", **PREDICT_DOCS)
@@ -201,5 +228,8 @@ async def predict_named(
     heatmap: HeatmapQuery = None,
     layer: LayerQuery = None,
     target: TargetQuery = None,
+    image: ImageQuery = None,
+    keep: KeepQuery = False,
 ) -> Response[object]:
-    return await run_prediction(request, requests, name, version, top_k, heatmap, layer, target)
+    ask = Ask(top_k, heatmap, layer, target, image, keep)
+    return await run_prediction(request, requests, name, version, ask)

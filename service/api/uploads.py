@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import multipart
@@ -20,7 +21,7 @@ from service.errors import (
     RequestTimeoutError,
     UnsupportedMediaTypeError,
 )
-from service.inference import Image
+from service.inference import Image, Requests
 
 RAW_TYPES = ("application/octet-stream",)
 CLOSE = {"Connection": "close"}
@@ -33,6 +34,7 @@ ACCEPTED = (
 
 
 Upload = Image  # an image as it arrived: bytes to decode, named for its errors
+IMAGE_ID_HEADER = "Image-Id"  # a kept image's id, for `image=` in later requests
 
 
 def _too_large(settings: Settings) -> PayloadTooLargeError:
@@ -139,3 +141,41 @@ async def read_uploads(
         return [Upload("body", await read_body(request, settings, deadline))]
     shown = media_type or "no Content-Type"
     raise UnsupportedMediaTypeError(f"{shown} is not accepted; send {ACCEPTED}")
+
+
+@dataclass(frozen=True)
+class Sent:
+    uploads: list[Upload]
+    kept: str | None = None  # the id of the image held for later requests: the Image-Id header
+
+
+def _has_body(request: Request[Any, Any, Any]) -> bool:
+    length = request.headers.get("content-length", "0").strip()
+    return "transfer-encoding" in request.headers or length not in ("", "0")
+
+
+async def read_images(
+    request: Request[Any, Any, Any],
+    requests: Requests,
+    deadline: float,
+    image: str | None,
+    keep: bool,
+) -> Sent:
+    """The request's images: those of its body, or the kept one it names (`image=<id>`, no
+    body). With `keep`, the one image sent is held, so later requests name it instead."""
+    if image is not None:
+        if _has_body(request):
+            raise BadRequestError(
+                "send either an image in the body or image=<id> naming a kept one, not both"
+            )
+        return Sent([await requests.named(image)])
+    uploads = await read_uploads(request, requests.settings, deadline)
+    if not keep:
+        return Sent(uploads)
+    if len(uploads) != 1:
+        raise BadRequestError(f"keep=true keeps one image; this request sent {len(uploads)}")
+    return Sent(uploads, await requests.keep(uploads[0]))
+
+
+def kept_header(sent: Sent) -> dict[str, str]:
+    return {} if sent.kept is None else {IMAGE_ID_HEADER: sent.kept}

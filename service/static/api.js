@@ -1,10 +1,11 @@
 // Talking to the service: JSON in, JSON out, and problems (RFC 9457) turned into plain words.
 
 export class ProblemError extends Error {
-  constructor(title, detail, status) {
+  constructor(title, detail, status, type = "") {
     super(detail);
     this.title = title;
     this.status = status;
+    this.type = type;
   }
 }
 
@@ -16,7 +17,7 @@ async function problemOf(response) {
     try {
       const body = await response.json();
       if (body && body.detail) {
-        return new ProblemError(body.title || response.statusText, body.detail, response.status);
+        return new ProblemError(body.title || response.statusText, body.detail, response.status, body.type || "");
       }
     } catch {
       // not JSON after all: fall through to the status line
@@ -29,7 +30,8 @@ async function problemOf(response) {
   );
 }
 
-export async function request(url, options = {}) {
+// The response, once it is known to be a success; a ProblemError otherwise.
+async function exchange(url, options) {
   let response;
   try {
     response = await fetch(url, options);
@@ -39,16 +41,51 @@ export async function request(url, options = {}) {
   if (!response.ok) {
     throw await problemOf(response);
   }
-  return response.json();
+  return response;
 }
 
-// One image as the raw request body, with its own type (or octet-stream when it has none).
-export function postImage(url, blob) {
-  return request(url, {
+export async function request(url, options = {}) {
+  return (await exchange(url, options)).json();
+}
+
+// An image the page shows, and the id the service keeps it under once sent: every later
+// request about it (other heatmaps, the layer explorer, another top-k) names it instead of
+// uploading it again.
+export class Picture {
+  constructor(blob) {
+    this.blob = blob;
+    this.id = null;
+  }
+}
+
+function withParams(url, params) {
+  const target = new URL(url, location.href);
+  for (const [key, value] of Object.entries(params)) {
+    target.searchParams.set(key, value);
+  }
+  return `${target.pathname}${target.search}`;
+}
+
+// POST about one picture: by its id when the service holds it, else its bytes (kept from then on).
+export async function postPicture(url, picture) {
+  const accept = { Accept: "application/json" };
+  if (picture.id) {
+    try {
+      return await request(withParams(url, { image: picture.id }), { method: "POST", headers: accept });
+    } catch (error) {
+      if (!(error instanceof ProblemError) || !error.type.endsWith("image-not-held")) {
+        throw error;
+      }
+      picture.id = null; // the service let it go (or restarted): send it again
+    }
+  }
+  const response = await exchange(withParams(url, { keep: "true" }), {
     method: "POST",
-    headers: { "Content-Type": blob.type || "application/octet-stream", Accept: "application/json" },
-    body: blob,
+    headers: { "Content-Type": picture.blob.type || "application/octet-stream", ...accept },
+    body: picture.blob,
   });
+  picture.id = response.headers.get("Image-Id"); // none when the service keeps no images
+  return response.json();
 }
 
 // A base64 float32 array from the explorer route -> { shape, values: Float32Array }.

@@ -1,7 +1,7 @@
 // The convolution explainer: a conv layer's kernels, the feature maps they make of the image,
 // and one output value redone step by step, all from POST /models/{name}/layers/{layer}/maps.
 
-import { decodeTensor, postImage, query } from "./api.js";
+import { decodeTensor, postPicture, query } from "./api.js";
 import { diverging, enlarge, grey, heat, paint, range } from "./pictures.js";
 import { stepThrough, stepView } from "./steps.js";
 
@@ -69,7 +69,7 @@ export class Explainer {
     const asked = this.image;
     let answer;
     try {
-      answer = await postImage(url, asked);
+      answer = await postPicture(url, asked);
     } catch (error) {
       this.showError(error);
       return;

@@ -1,6 +1,6 @@
 // The try-it page: pick a model, send an image (file, drop or drawing), show what comes back.
 
-import { postImage, query, request } from "./api.js";
+import { Picture, postPicture, query, request } from "./api.js";
 import { renderCard } from "./card.js";
 import { DrawingPad } from "./draw.js";
 import { Explainer } from "./explainer.js";
@@ -11,7 +11,7 @@ const percent = (p) => `${(p * 100).toFixed(p >= 0.1 ? 1 : 2)}%`;
 const state = {
   models: [], // GET /models: ready models with their versions
   card: null, // the model card of the chosen version
-  image: null, // the Blob last sent, kept to redo it with another model or layer
+  image: null, // the Picture last sent, to redo it with another model, layer or top-k
   preview: null, // its object URL
   run: 0, // answers to an older run are dropped
 };
@@ -141,21 +141,26 @@ function renderPredictions(answer) {
     `Grad-CAM at ${heatmap.layer} for class ${heatmap.class_index === top.class_index ? top.label : heatmap.class_index}: red is where the evidence for it sits.`;
 }
 
+// A new image (a Blob), or the one shown again (its Picture: the service may still hold it).
 async function classify(image) {
   const run = ++state.run;
-  state.image = image;
+  const picture = image instanceof Picture ? image : new Picture(image);
+  const fresh = picture !== state.image;
+  state.image = picture;
   clearError();
-  if (state.preview) {
-    URL.revokeObjectURL(state.preview);
+  if (fresh) {
+    if (state.preview) {
+      URL.revokeObjectURL(state.preview);
+    }
+    state.preview = URL.createObjectURL(picture.blob);
+    $("preview").src = state.preview;
+    $("preview").alt = picture.blob.name ? `The image sent: ${picture.blob.name}` : "The drawing sent";
   }
-  state.preview = URL.createObjectURL(image);
-  $("preview").src = state.preview;
-  $("preview").alt = image.name ? `The image sent: ${image.name}` : "The drawing sent";
   $("status").textContent = "Classifying…";
   const started = performance.now();
   let answer;
   try {
-    answer = await postImage(predictUrl({ heatmap: "gradcam" }), image);
+    answer = await postPicture(predictUrl({ heatmap: "gradcam" }), picture);
   } catch (error) {
     if (run === state.run) {
       // what is on screen belongs to an earlier image: hide it rather than mislead
@@ -171,7 +176,8 @@ async function classify(image) {
   $("results").hidden = false;
   renderPredictions(answer);
   $("status").textContent = `Answered in ${Math.round(performance.now() - started)} ms.`;
-  await Promise.all([showLayer(run), explainer.load(image, chosen())]);
+  // both name the image the service now holds instead of sending it again
+  await Promise.all([showLayer(run), explainer.load(picture, chosen())]);
 }
 
 // ---- the layer walk --------------------------------------------------------------------------
@@ -208,7 +214,7 @@ async function showLayer(run) {
   image.setAttribute("aria-busy", "true");
   let answer;
   try {
-    answer = await postImage(predictUrl({ heatmap: "activation", layer, top_k: 1 }), state.image);
+    answer = await postPicture(predictUrl({ heatmap: "activation", layer, top_k: 1 }), state.image);
   } catch (error) {
     showError(error);
     return;

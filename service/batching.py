@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from service import metrics
+from service import metrics, tracing
 from service.classifier import Classifier
 from service.errors import (
     DeadlineExceededError,
@@ -55,6 +55,7 @@ class Job:
     deadline: float  # time.monotonic()
     explain: Explain | None = None  # None: a plain prediction
     target: int | None = None
+    trace: str | None = None  # the request span's traceparent: the batch span links to it
     arrived: float = field(default_factory=time.monotonic)
     taken: bool = False  # in a batch on its way through the model: it will be answered
 
@@ -139,12 +140,15 @@ class Batcher:
         deadline: float,
         explain: Explain | None = None,
         target: int | None = None,
+        trace: str | None = None,
     ) -> list[Job]:
         """Queue one admitted request's images together."""
         admission.take(len(arrays))
         self._incoming -= len(arrays)
         loop = asyncio.get_running_loop()
-        jobs = [Job(array, loop.create_future(), deadline, explain, target) for array in arrays]
+        jobs = [
+            Job(array, loop.create_future(), deadline, explain, target, trace) for array in arrays
+        ]
         self._queue.extend(jobs)
         self._depth.set(len(self._queue))
         self._wake.set()
@@ -267,16 +271,21 @@ class Batcher:
         try:
             if explain is None:
                 probabilities = self.classifier.predict(arrays)
-                outcomes = [Answer(probabilities[i], size) for i in range(size)]
+                ended = time.monotonic()
+                outcomes = [
+                    Answer(probabilities[i], size, ran=(started, ended)) for i in range(size)
+                ]
             else:
                 result = self.classifier.explain(
                     arrays, explain.method, explain.layer, [j.target for j in batch]
                 )
+                ended = time.monotonic()
                 outcomes = [
                     Answer(
                         result.probabilities[i],
                         size,
                         Explained(result.grids[i], result.targets[i], result.point.layer),
+                        ran=(started, ended),
                     )
                     for i in range(size)
                 ]
@@ -286,9 +295,15 @@ class Batcher:
                 return [outcome for job in batch for outcome in self._execute([job])]
             log.exception("inference failed for %s v%s", *self._labels)
             return [InferenceError(f"inference failed: {type(exc).__name__}: {exc}")]
-        elapsed = time.monotonic() - started
         kind = "predict" if explain is None else explain.method
-        metrics.INFERENCE.labels(*self._labels, kind).observe(elapsed)
+        metrics.INFERENCE.labels(*self._labels, kind).observe(ended - started)
+        attributes: dict[str, str | int] = {
+            "convserve.model": self._labels[0],
+            "convserve.version": self._labels[1],
+            "convserve.batch_size": size,
+            "convserve.kind": kind,
+        }
+        tracing.batch("batch", started, ended, [job.trace for job in batch], attributes)
         self._batch_size.observe(size)
         self.formed.add(size)
         self._images.inc(size)

@@ -57,6 +57,7 @@ class Run(msgspec.Struct, tag=True):
     explain: Explain | None
     target: int | None
     deadline: float  # time.monotonic(): one clock for every process on the machine
+    trace: str | None = None  # the request span's W3C traceparent, when tracing
 
 
 class OpenLayer(msgspec.Struct, tag=True):
@@ -141,6 +142,7 @@ class Ran(msgspec.Struct):
     """Answers are in the arena: probabilities (count, classes), then grids (count, h, w)."""
 
     batch_sizes: list[int]
+    ran: list[tuple[float, float]]  # each image's forward pass: began, ended (time.monotonic())
     targets: list[int] | None = None
     grid: tuple[int, int] | None = None
     layer: str | None = None

@@ -21,7 +21,7 @@ from litestar import Litestar, Request, Response, get
 from litestar.exceptions import HTTPException, NotFoundException
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from service import metrics
+from service import metrics, tracing
 from service.api.access import access_middleware
 from service.api.dependencies import RequestsDep
 from service.api.framework import build_app
@@ -193,6 +193,7 @@ def create_front_app(
 def main(argv: list[str]) -> int:
     settings = Settings.from_env(json.loads(argv[0]))
     configure_logging(settings.log_format, settings.log_level)
+    tracing.configure("front")
     listener = socket.socket(fileno=int(argv[1]))
     app, requests = create_front_app(settings, Path(argv[2]), wait_for_models=argv[3] == "1")
     return serve_front(settings, app, requests, listener)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
@@ -22,7 +23,7 @@ from typing import Protocol, TypeVar
 import msgspec
 import numpy as np
 
-from service import metrics
+from service import metrics, tracing
 from service.answers import AnswerCache, Cached, digest
 from service.config import Settings
 from service.decoder import DecoderConfig
@@ -120,6 +121,7 @@ class Answer:
     probabilities: np.ndarray  # (classes,) float32, sums to 1
     batch_size: int
     explained: Explained | None = None
+    ran: tuple[float, float] = (0.0, 0.0)  # its forward pass began and ended (time.monotonic())
 
 
 class Ticket(Protocol):
@@ -161,7 +163,10 @@ class Models(Protocol):
         deadline: float,
         explain: Explain | None,
         target: int | None,
-    ) -> list[Answer]: ...
+        trace: str | None = None,
+    ) -> list[Answer]:
+        """`trace`: the request span's W3C traceparent, which each batch span links to."""
+        ...
 
     async def open_layer(
         self, ticket: Ticket, array: np.ndarray, layer: str, deadline: float
@@ -188,6 +193,15 @@ class Classified:
     answers: list[Answer]
     overlays: list[bytes | None]  # each heatmap as a PNG over its picture, when one was asked
     cached: bool = False  # answered from the response cache: no decode, no forward pass
+
+
+def _record_passes(submitted: float, answers: Sequence[Answer]) -> None:
+    """The request's wait in the queue and its forward passes, as children of its span."""
+    passes = sorted({answer.ran for answer in answers})
+    tracing.record("queue wait", submitted, passes[0][0])
+    for started, ended in passes:
+        size = max(a.batch_size for a in answers if a.ran == (started, ended))
+        tracing.record("inference", started, ended, batch_size=size)
 
 
 def _overlay(answer: Answer, prepared: PreparedImage | None) -> bytes | None:
@@ -297,21 +311,23 @@ class Requests:
         client no upload), then read it. classify() resolves again: a swap may land meanwhile."""
         route = await self.models.route(name, version)
         check(route)
-        return route, await read()
+        with tracing.span("read body"):
+            return route, await read()
 
     async def prepare(
         self, route: Route, images: Sequence[Image], deadline: float, *, keep_display: bool
     ) -> list[PreparedImage]:
         """Decode + preprocess a request's images for this version."""
         try:
-            return await self.decoders.prepare(
-                [image.data for image in images],
-                route.input,
-                deadline,
-                keep_display=keep_display,
-                labels=["" if image.label == "body" else image.label for image in images],
-                timing=metrics.PREPROCESS.labels(route.name, str(route.version)),
-            )
+            with tracing.span("decode and preprocess", images=len(images)):
+                return await self.decoders.prepare(
+                    [image.data for image in images],
+                    route.input,
+                    deadline,
+                    keep_display=keep_display,
+                    labels=["" if image.label == "body" else image.label for image in images],
+                    timing=metrics.PREPROCESS.labels(route.name, str(route.version)),
+                )
         except DeadlineExceededError:
             metrics.REJECTED.labels(route.name, metrics.DEADLINE).inc()
             raise
@@ -396,7 +412,12 @@ class Requests:
                 else:
                     prepared.append(None)
                     arrays.append(item)
-            answers = await self.models.run(ticket, arrays, deadline, explain(route), target)
+            submitted = time.monotonic()
+            answers = await self.models.run(
+                ticket, arrays, deadline, explain(route), target, tracing.traceparent()
+            )
+        if tracing.enabled():
+            _record_passes(submitted, answers)
         overlays: list[bytes | None] = [None] * len(answers)
         if paint and any(answer.explained is not None for answer in answers):
             overlays = await self._paint(answers, prepared)
@@ -412,7 +433,8 @@ class Requests:
             for answer, image in zip(answers, prepared, strict=True)
         ]
         try:
-            return [*await gather_first_error(pictures)]
+            with tracing.span("overlay", images=len(pictures)):
+                return [*await gather_first_error(pictures)]
         finally:
             self.trimmer.soon()  # gradients, displays and overlays: much memory, now free
 

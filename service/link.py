@@ -232,6 +232,7 @@ class RemoteModels:
         deadline: float,
         explain: Explain | None,
         target: int | None,
+        trace: str | None = None,
     ) -> list[Answer]:
         remote = self._remote(ticket)
         route = remote.route
@@ -252,19 +253,22 @@ class RemoteModels:
 
         def answers(ran: Ran) -> list[Answer]:
             probabilities = self.arena.array(offset, (count, classes)).copy()
-            sizes = ran.batch_sizes
+            sizes, times = ran.batch_sizes, ran.ran
             if ran.grid is None or ran.targets is None or ran.layer is None:
-                return [Answer(p, size) for p, size in zip(probabilities, sizes, strict=True)]
+                return [
+                    Answer(p, size, ran=when)
+                    for p, size, when in zip(probabilities, sizes, times, strict=True)
+                ]
             grids = self.arena.array(offset + probabilities.nbytes, (count, *ran.grid)).copy()
             layer = ran.layer
             return [
-                Answer(p, size, Explained(grid, target_class, layer))
-                for p, size, grid, target_class in zip(
-                    probabilities, sizes, grids, ran.targets, strict=True
+                Answer(p, size, Explained(grid, target_class, layer), ran=when)
+                for p, size, grid, target_class, when in zip(
+                    probabilities, sizes, grids, ran.targets, times, strict=True
                 )
             ]
 
-        call = Run(remote.number, offset, count, explain, target, deadline)
+        call = Run(remote.number, offset, count, explain, target, deadline, trace)
         return await self._call_in_slot(call, Ran, offset, nbytes, answers)
 
     async def open_layer(

@@ -88,12 +88,13 @@ class LocalModels:
         deadline: float,
         explain: Explain | None,
         target: int | None,
+        trace: str | None = None,
     ) -> list[Answer]:
         local = _local(ticket)
         batcher = local.deployment.batcher
         if explain is not None:
             await _network(local.deployment.classifier)
-        jobs = batcher.submit(local.admission, arrays, deadline, explain, target)
+        jobs = batcher.submit(local.admission, arrays, deadline, explain, target, trace)
         try:
             return await batcher.results(jobs, deadline)
         finally:

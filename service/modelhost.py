@@ -29,6 +29,7 @@ import msgspec
 import uvloop
 from litestar import Litestar
 
+from service import tracing
 from service.api.framework import build_app
 from service.api.routes import model_routes, request_routes
 from service.channel import (
@@ -173,7 +174,7 @@ class Session:
             route = ticket.route
             inputs = self.arena.array(body.offset, (body.count, *route.input_shape))
             answers = await self.models.run(
-                ticket, list(inputs), body.deadline, body.explain, body.target
+                ticket, list(inputs), body.deadline, body.explain, body.target, body.trace
             )
         finally:
             await self._release(body.ticket)
@@ -181,7 +182,7 @@ class Session:
         out = self.arena.array(body.offset, (body.count, classes))
         for row, answer in zip(out, answers, strict=True):
             row[:] = answer.probabilities
-        ran = Ran([answer.batch_size for answer in answers])
+        ran = Ran([answer.batch_size for answer in answers], [answer.ran for answer in answers])
         explained = [answer.explained for answer in answers if answer.explained is not None]
         if explained and len(explained) == len(answers):
             shape = (int(explained[0].grid.shape[0]), int(explained[0].grid.shape[1]))
@@ -336,6 +337,7 @@ class ModelHost:
 def main(argv: list[str]) -> int:
     settings = Settings.from_env(json.loads(argv[0]))
     configure_logging(settings.log_format, settings.log_level)
+    tracing.configure("model")
     uvloop.run(ModelHost(settings, Path(argv[1])).serve())  # as the workers' uvicorn runs
     return 0
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import uvicorn
 
+from service import tracing
 from service.config import Settings
 from service.inference import Requests
 from service.protocols import HttpLimits, LimitedConfig
@@ -116,6 +117,7 @@ def serve_single(settings: Settings) -> int:
     """`convserve serve` with CONVSERVE_WORKERS=0: the whole service in this one process."""
     from service.app import create_app  # front workers must not import torch
 
+    tracing.configure("single")
     app = create_app(settings)
     server = DrainingServer(_config(settings, app), app.state.requests)
     server.run()

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs
 from litestar import Request
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import metrics
+from service import metrics, tracing
 from service.errors import ServiceError
 from service.inference import Classified, Route
 
@@ -50,6 +50,13 @@ def annotate_answer(request: Request[Any, Any, Any], classified: Classified) -> 
 
 _PREFIX = uuid.uuid4().hex[:16]  # per process; a counter makes each id unique without a syscall
 _COUNTER = itertools.count(1)
+
+
+def _traceparent(scope: dict[str, Any]) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"traceparent":
+            return str(value.decode("latin-1"))
+    return None
 
 
 def _request_id(scope: Scope) -> str:
@@ -121,20 +128,31 @@ def access_middleware(
 
         if predicting:
             metrics.INFLIGHT.inc()
-        try:
-            await app(scope, receive, send_with_id)
-            if predicting and 400 <= status < 500 and "model" not in facts and resolve:
-                assert path is not None
-                await name_refused(resolve, raw, path, facts)
-        finally:
-            elapsed = (answered or time.perf_counter()) - started
-            if predicting:
-                metrics.INFLIGHT.dec()
-                model = str(facts.get("model", metrics.UNKNOWN))
-                version = str(facts.get("version", metrics.UNKNOWN))
-                metrics.REQUESTS.labels(model, version, str(status)).inc()
-                metrics.REQUEST_DURATION.labels(model, str(status)).observe(elapsed)
-            _log(raw, facts, status, elapsed)
+        method, target = raw["method"], raw["path"]
+        attributes = {"http.request.method": method, "url.path": target,
+                      "convserve.request_id": request_id}  # fmt: skip
+        with tracing.request_span(f"{method} {target}", _traceparent(raw), attributes) as span:
+            if span is not None:
+                facts["trace_id"] = tracing.trace_id()
+            try:
+                await app(scope, receive, send_with_id)
+                if predicting and 400 <= status < 500 and "model" not in facts and resolve:
+                    assert path is not None
+                    await name_refused(resolve, raw, path, facts)
+            finally:
+                elapsed = (answered or time.perf_counter()) - started
+                if predicting:
+                    metrics.INFLIGHT.dec()
+                    model = str(facts.get("model", metrics.UNKNOWN))
+                    version = str(facts.get("version", metrics.UNKNOWN))
+                    metrics.REQUESTS.labels(model, version, str(status)).inc()
+                    metrics.REQUEST_DURATION.labels(model, str(status)).observe(elapsed)
+                if span is not None:
+                    span.set_attribute("http.response.status_code", status)
+                    for key in ("model", "version", "batch_size", "cache"):
+                        if key in facts:
+                            span.set_attribute(f"convserve.{key}", facts[key])
+                _log(raw, facts, status, elapsed)
 
     return middleware
 

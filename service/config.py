@@ -44,12 +44,21 @@ def _float(text: str, rule: str) -> float:
         raise ValueError(rule) from None
 
 
-def _positive_int(text: str) -> int:
-    rule = "must be a whole number >= 1"
-    value = _int(text, rule)
-    if value < 1:
-        raise ValueError(rule)
-    return value
+def _whole(minimum: int) -> Callable[[str], int]:
+    """A parser for whole numbers of at least `minimum`."""
+    rule = f"must be a whole number >= {minimum}"
+
+    def parse(text: str) -> int:
+        value = _int(text, rule)
+        if value < minimum:
+            raise ValueError(rule)
+        return value
+
+    return parse
+
+
+_positive_int = _whole(1)
+_non_negative_int = _whole(0)
 
 
 def default_cache() -> Path:
@@ -68,14 +77,6 @@ def _workers(text: str) -> int:
     if text.strip().lower() == "auto":
         return available_cores()
     rule = "must be auto or a whole number >= 0"
-    value = _int(text, rule)
-    if value < 0:
-        raise ValueError(rule)
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    rule = "must be a whole number >= 0"
     value = _int(text, rule)
     if value < 0:
         raise ValueError(rule)

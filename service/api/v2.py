@@ -24,7 +24,7 @@ from service.api.access import annotate, annotate_answer
 from service.api.dependencies import RequestsDep
 from service.api.hangup import unless_hung_up
 from service.api.openapi import InferOperation, problems
-from service.api.tensors import BINARY_HEADER, OUTPUT, Limits, parse_request
+from service.api.tensors import BINARY_HEADER, OUTPUT, Limits, parse_request, top_rows
 from service.api.uploads import read_body
 from service.errors import ModelNotReadyError
 from service.inference import Requests, Route
@@ -100,9 +100,7 @@ def _outputs(top_k: int | None, probabilities: np.ndarray, labels: list[str]) ->
         return OutputTensor(
             OUTPUT, "FP32", list(probabilities.shape), probabilities.reshape(-1).tolist()
         )
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
-    rows = [f"{p[i]:f}:{i}:{labels[i]}" for p, top in zip(probabilities, order, strict=True)
-            for i in top]  # fmt: skip
+    rows = top_rows(top_k, probabilities, labels)
     return OutputTensor(OUTPUT, "BYTES", [len(probabilities), top_k], rows)
 
 

@@ -9,7 +9,11 @@ default descriptor pool, so one process cannot import the two.
 from __future__ import annotations
 
 import base64
+import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +36,7 @@ from service.spec import read_spec
 from tests.support import (
     BUNDLED_STORE,
     ServerProcess,
+    free_port,
     held_out_digits,
     metric_value,
     png_bytes,
@@ -381,3 +386,26 @@ def test_sigterm_drains_grpc(tmp_path: Path, workers: str) -> None:
         (result,) = outcome
         assert isinstance(result, tgrpc.InferResult)
         assert result.as_numpy("probabilities").shape == (24, 10)
+
+
+def test_a_taken_grpc_port_stops_start_up(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            **os.environ,
+            "CONVSERVE_WORKERS": "0",
+            "CONVSERVE_PORT": str(free_port()),
+            "CONVSERVE_GRPC_PORT": str(port),
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "service", "serve"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert f"cannot serve gRPC on 127.0.0.1:{port} (CONVSERVE_GRPC_PORT)" in done.stderr

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -177,6 +177,20 @@ def test_typed_contents_instead_of_raw(stub: GRPCInferenceServiceStub) -> None:
     assert np.frombuffer(answer.raw_output_contents[0], dtype="<f4").argmax() == digit.label
 
 
+def nan_fp32(request: pb.ModelInferRequest) -> None:
+    tensor = request.inputs[0]
+    tensor.datatype = "FP32"
+    tensor.shape[:] = [1, 1, 28, 28]
+    values = np.zeros(28 * 28, dtype="<f4")
+    values[3] = np.nan
+    request.raw_input_contents[0] = values.tobytes()
+
+
+def short_fp32(request: pb.ModelInferRequest) -> None:
+    nan_fp32(request)
+    request.raw_input_contents[0] = request.raw_input_contents[0][:-4]
+
+
 @pytest.mark.parametrize(
     ("change", "code", "detail"),
     [
@@ -202,6 +216,17 @@ def test_typed_contents_instead_of_raw(stub: GRPCInferenceServiceStub) -> None:
             "expected [-1, 1, 28, 28]",
         ),
         (lambda r: r.raw_input_contents.append(b"x"), "INVALID_ARGUMENT", "raw_input_contents"),
+        (lambda r: r.inputs[0].shape.extend([-1]), "INVALID_ARGUMENT", "every dimension"),
+        (lambda r: r.inputs[0].shape.extend([1] * 8), "INVALID_ARGUMENT", "at most 8"),
+        (lambda r: r.inputs[0].shape.__setitem__(0, 2**40), "INVALID_ARGUMENT", "every dimension"),
+        (lambda r: r.inputs[0].shape.__setitem__(0, 300), "INVALID_ARGUMENT", "the limit is 256"),
+        (
+            lambda r: r.raw_input_contents.__setitem__(0, b"\xff\xff\x00\x00ab"),
+            "INVALID_ARGUMENT",
+            "declares 65535 bytes",
+        ),
+        (nan_fp32, "INVALID_ARGUMENT", "NaN or infinite"),
+        (short_fp32, "INVALID_ARGUMENT", "shape [1, 1, 28, 28] needs 3136"),
     ],
     ids=[
         "unknown-model",
@@ -214,6 +239,13 @@ def test_typed_contents_instead_of_raw(stub: GRPCInferenceServiceStub) -> None:
         "bad-classification",
         "fp32-shape",
         "two-raw",
+        "negative-dim",
+        "rank-9",
+        "huge-dim",
+        "too-many-images",
+        "short-bytes",
+        "nan",
+        "short-fp32",
     ],
 )
 def test_errors_are_status_codes_with_the_detail(
@@ -388,14 +420,16 @@ def test_sigterm_drains_grpc(tmp_path: Path, workers: str) -> None:
         assert result.as_numpy("probabilities").shape == (24, 10)
 
 
-def test_a_taken_grpc_port_stops_start_up(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", WORKERS)
+def test_a_taken_grpc_port_stops_start_up(workers: str) -> None:
+    """At once, naming the setting: not a worker that fails and is replaced again and again."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         env = {
             **os.environ,
-            "CONVSERVE_WORKERS": "0",
+            "CONVSERVE_WORKERS": workers,
             "CONVSERVE_PORT": str(free_port()),
             "CONVSERVE_GRPC_PORT": str(port),
         }
@@ -409,3 +443,34 @@ def test_a_taken_grpc_port_stops_start_up(tmp_path: Path) -> None:
         )
     assert done.returncode == 1
     assert f"cannot serve gRPC on 127.0.0.1:{port} (CONVSERVE_GRPC_PORT)" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "name", ["", "..", "../digits", "a/b", "digits%2F1", "\x00", "é" * 300, "x" * 100_000]
+)
+def test_hostile_model_names_get_a_status_never_a_crash(
+    stub: GRPCInferenceServiceStub, client: tgrpc.InferenceServerClient, name: str
+) -> None:
+    assert not stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=10).ready
+    calls: list[Callable[[], object]] = [
+        lambda: stub.ModelMetadata(pb.ModelMetadataRequest(name=name), timeout=10),
+        lambda: stub.ModelConfig(pb.ModelConfigRequest(name=name), timeout=10),
+        lambda: stub.ModelInfer(pb.ModelInferRequest(model_name=name or "nope"), timeout=10),
+    ]
+    if name:  # "" is every model (statistics) and the default version (metadata)
+        calls += [
+            lambda: stub.ModelStatistics(pb.ModelStatisticsRequest(name=name), timeout=10),
+            lambda: stub.ModelMetadata(
+                pb.ModelMetadataRequest(name="digits", version=name), timeout=10
+            ),
+        ]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert isinstance(caught.value, grpc.Call)
+        code = caught.value.code()
+        assert code in {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT}, (
+            code,
+            caught.value.details(),
+        )
+    assert client.is_server_ready()

@@ -33,6 +33,7 @@ from service.inference import Requests
 log = logging.getLogger("convserve.access")
 M = TypeVar("M", bound=Message)
 OFF_LOOP_BYTES = 1 << 20  # requests above this are parsed in a worker thread
+MAX_DETAIL = 1000  # characters: percent-encoded UTF-8, at most 12 KiB in the trailers
 EXTENSIONS = ["classification", "model_configuration", "statistics"]
 Fetch = Callable[[str], Awaitable[tuple[int, bytes]]]
 """GET a path of this process's HTTP app: (status, body)."""
@@ -66,8 +67,15 @@ async def fail(
 ) -> NoReturn:
     if status == 503:
         context.set_trailing_metadata((("retry-after", "1"),))
+    if len(detail) > MAX_DETAIL:  # it may echo a client's value; clients take 16 KiB of trailers
+        detail = detail[: MAX_DETAIL - 3] + "..."
     await context.abort(code_for(status, slug), detail)
     raise AssertionError("abort returns only by raising")  # pragma: no cover
+
+
+async def _named(name: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    if not name:
+        await fail(context, 400, "bad-request", "the request names no model: set 'name'")
 
 
 def _path(name: str, version: str, tail: str = "") -> str:
@@ -111,12 +119,14 @@ class Inference(GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelMetadataResponse:
+        await _named(request.name, context)
         path = _path(request.name, request.version)
         return await self._get(path, pb.ModelMetadataResponse(), context)
 
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelConfigResponse:
+        await _named(request.name, context)
         path = _path(request.name, request.version, "/config")
         return pb.ModelConfigResponse(config=await self._get(path, pb.ModelConfig(), context))
 

@@ -283,6 +283,7 @@ def test_metrics_count_grpc_requests(
     before = scrape()
     image = images_input([png_bytes(held_out_digits(1, seed=2)[0].image)])
     client.infer("digits", [image])
+    again = client.infer("digits", [image])  # the same image: the response cache answers
     failure(lambda: client.infer("nope", [image]))
     failure(lambda: client.infer("digits", [images_input([b"not an image"])]))
     after = scrape()
@@ -291,7 +292,12 @@ def test_metrics_count_grpc_requests(
         name = "convserve_requests_total"
         return metric_value(after, name, **labels) - metric_value(before, name, **labels)
 
-    assert grew(model="digits", version="1", status="200") == 1
+    assert grew(model="digits", version="1", status="200") == 2
+    hits = "convserve_cache_lookups_total"
+    assert metric_value(after, hits, model="digits", result="hit") > metric_value(
+        before, hits, model="digits", result="hit"
+    )
+    assert again.as_numpy("probabilities").shape == (1, 10)
     assert grew(model="-", status="404") == 1
     assert grew(model="digits", version="1", status="400") == 1
 

@@ -23,6 +23,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from service import __version__, metrics
+from service.api.access import REQUEST_ID
 from service.api.tensors import Limits
 from service.errors import ServiceError
 from service.grpc_v2 import inference_pb2 as pb
@@ -236,7 +237,7 @@ class Inference(GRPCInferenceServiceServicer):
             "latency_ms": round(elapsed * 1000, 2),
             **facts,
         }
-        if request.id:
-            record["request_id"] = request.id[:128]
+        if REQUEST_ID.fullmatch(request.id):
+            record["request_id"] = request.id
         record["client"] = context.peer()
         log.info("access", extra={"access": record})

@@ -4,7 +4,7 @@ Inputs: one BYTES tensor of encoded image files (base64 strings in JSON, raw byt
 binary-data extension), or one FP32 tensor already preprocessed to the model's (N, C, H, W).
 Output: `probabilities` FP32 (N, classes); with `"parameters": {"classification": k}` the
 top k as BYTES "probability:index:label" (Triton's classification extension).
-Bodies are read and bounded by service.api.tensors, large ones off the event loop.
+Bodies are read and bounded by service.tensors, large ones off the event loop.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from service.api.access import annotate, annotate_answer
 from service.api.dependencies import RequestsDep
 from service.api.hangup import unless_hung_up
 from service.api.openapi import InferOperation, problems
-from service.api.tensors import BINARY_HEADER, OUTPUT, Limits, parse_request, top_rows
 from service.api.uploads import read_body
 from service.errors import ModelNotReadyError
 from service.inference import Requests, Route
+from service.tensors import BINARY_HEADER, OUTPUT, Limits, parse_request, top_rows
 
 OFF_LOOP_BYTES = 1 << 20  # bodies above this are parsed in a worker thread
 

@@ -1,6 +1,6 @@
 """ModelInferRequest -> images or FP32 arrays, and answers -> ModelInferResponse.
 
-The checks are the REST V2 routes' (service.api.tensors): one input, BYTES or FP32, the shape
+The checks are the REST V2 routes' (service.tensors): one input, BYTES or FP32, the shape
 bounded before the data is read, FP32 of the model's (N, C, H, W) and finite, one known output
 with the classification extension. The data comes in `raw_input_contents` (what
 tritonclient sends) or in the typed `contents`; answers go out raw, as Triton sends them.
@@ -12,7 +12,9 @@ import struct
 
 import numpy as np
 
-from service.api.tensors import (
+from service.errors import BadRequestError
+from service.grpc_v2 import inference_pb2 as pb
+from service.tensors import (
     OUTPUT,
     InputTensor,
     Limits,
@@ -30,8 +32,6 @@ from service.api.tensors import (
     top_rows,
     uploads,
 )
-from service.errors import BadRequestError
-from service.grpc_v2 import inference_pb2 as pb
 
 ONE_INPUT = "send exactly one input: 'image' (BYTES) or 'input' (FP32)"
 

@@ -23,13 +23,13 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from service import __version__, metrics
-from service.api.access import REQUEST_ID
-from service.api.tensors import Limits
 from service.errors import ServiceError
 from service.grpc_v2 import inference_pb2 as pb
 from service.grpc_v2.inference_pb2_grpc import GRPCInferenceServiceServicer
 from service.grpc_v2.messages import infer_response, parse_infer
 from service.inference import Requests
+from service.logs import REQUEST_ID
+from service.tensors import Limits
 
 log = logging.getLogger("convserve.access")
 M = TypeVar("M", bound=Message)

@@ -1,4 +1,6 @@
-"""Open Inference Protocol request bodies -> images or FP32 arrays, bounded before work is done.
+"""Open Inference Protocol tensors -> images or FP32 arrays, bounded before work is done: the
+REST V2 routes' JSON bodies (parse_request), and the checks gRPC's ModelInfer shares with them
+(service.grpc_v2.messages). Transport-neutral: no litestar here.
 
 A body is read twice. First with nothing built, only skipped: where the tensor data lies,
 how many inputs and outputs there are; the JSON outside the data must then fit in
@@ -21,8 +23,8 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 import numpy as np
 
-from service.api.uploads import Upload
 from service.errors import BadRequestError, PayloadTooLargeError
+from service.inference import Image as Upload
 
 BINARY_HEADER = "inference-header-content-length"
 OUTPUT = "probabilities"

@@ -62,9 +62,12 @@ class DrainingServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """The drain has let every admitted request finish: the gRPC server stops (calls still
-        running get the rest of CONVSERVE_DRAIN_S), then uvicorn's own shutdown."""
+        running get what is left of CONVSERVE_DRAIN_S), then uvicorn's own shutdown."""
         if self.grpc is not None:
-            await self.grpc.stop(self.requests.settings.drain_s)
+            grace = self.requests.settings.drain_s
+            if self.drain_deadline is not None:
+                grace = max(0.0, min(grace, self.drain_deadline - time.monotonic()))
+            await self.grpc.stop(grace)
             self.grpc = None
         await super().shutdown(sockets)
 

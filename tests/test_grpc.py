@@ -9,6 +9,7 @@ default descriptor pool, so one process cannot import the two.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import signal
 import socket
@@ -36,6 +37,7 @@ from service.spec import read_spec
 from tests.support import (
     BUNDLED_STORE,
     ServerProcess,
+    child_pids,
     free_port,
     held_out_digits,
     metric_value,
@@ -480,3 +482,46 @@ def test_hostile_model_names_get_a_status_never_a_crash(
             caught.value.details(),
         )
     assert client.is_server_ready()
+
+
+def grpc_listeners(pid: int, port: int) -> int:
+    """Listening TCP sockets of one process on `port` (IPv4 or IPv6)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = str(fd.readlink())
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port and inode in inodes:
+                count += 1
+    return count
+
+
+def test_every_worker_serves_grpc_and_a_replacement_does_too(tmp_path: Path) -> None:
+    with running_server(tmp_path, {"CONVSERVE_WORKERS": "2"}) as server:
+        port = int(server.grpc.rsplit(":", 1)[1])
+        fronts = child_pids(server, "service.front")
+        assert len(fronts) == 2
+        assert all(grpc_listeners(pid, port) == 1 for pid in fronts)
+        victim = min(fronts)
+        os.kill(victim, signal.SIGKILL)
+        client = tgrpc.InferenceServerClient(server.grpc)
+        image = images_input([png_bytes(held_out_digits(1)[0].image)])
+        try:
+            deadline = time.monotonic() + 30
+            replaced: set[int] = set()
+            while time.monotonic() < deadline:
+                replaced = child_pids(server, "service.front") - fronts
+                if replaced and all(grpc_listeners(pid, port) == 1 for pid in replaced):
+                    break
+                time.sleep(0.1)
+            assert len(replaced) == 1, server.output()
+            for _ in range(10):  # whichever worker the kernel picks
+                assert client.infer("digits", [image]).as_numpy("probabilities").shape == (1, 10)
+        finally:
+            client.close()

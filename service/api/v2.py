@@ -73,7 +73,8 @@ class InferResponse(msgspec.Struct, omit_defaults=True):
 
 @get("/v2", summary="Open Inference Protocol: server metadata")
 async def server_metadata() -> ServerMetadata:
-    return ServerMetadata("convserve", __version__, ["classification", "binary_tensor_data"])
+    extensions = ["classification", "binary_tensor_data", "model_configuration", "statistics"]
+    return ServerMetadata("convserve", __version__, extensions)
 
 
 @get("/v2/health/live", summary="Open Inference Protocol: liveness")

@@ -142,11 +142,22 @@ class Inference(GRPCInferenceServiceServicer):
     async def _get(self, path: str, message: M, context: grpc.aio.ServicerContext[Any, Any]) -> M:
         """The REST route's JSON as the protobuf message; its problem as a gRPC status."""
         status, body = await self.fetch(path)
-        document = json.loads(body) if body else {}
+        try:
+            document = json.loads(body) if body else {}
+        except ValueError:
+            document = {}
+        if not isinstance(document, dict):
+            document = {}
         if status != 200:
             await fail(context, status, str(document.get("type", "")).rsplit("/", 1)[-1],
                        str(document.get("detail", f"HTTP {status}")))  # fmt: skip
-        return json_format.ParseDict(document, message, ignore_unknown_fields=True)
+        try:
+            return json_format.ParseDict(document, message, ignore_unknown_fields=True)
+        except json_format.ParseError as exc:  # a route answered what the message cannot hold
+            log.error("gRPC: %s answered %s", path, exc)
+            await fail(
+                context, 500, "internal-error", f"the server's answer to {path} was not valid"
+            )
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -103,13 +103,15 @@ class Supervisor:
         return 1 if self.failed else 0
 
     def _grpc_port_free(self) -> bool:
-        """Every worker binds CONVSERVE_GRPC_PORT itself (SO_REUSEPORT): a port they cannot
-        share stops start-up here, once, instead of failing every worker again and again."""
+        """Every worker binds CONVSERVE_GRPC_PORT itself, with SO_REUSEPORT. A port taken stops
+        start-up here, once, instead of failing every worker again and again; probed without
+        SO_REUSEPORT, so another server of this user holding it (which the workers could
+        join unnoticed) counts as taken."""
         if self.settings.grpc_port == 0:
             return True
         address = (self.settings.host, self.settings.grpc_port)
         try:
-            socket.create_server(address, reuse_port=True).close()
+            socket.create_server(address, reuse_port=False).close()
         except OSError as exc:
             log.error("cannot serve gRPC on %s:%d (CONVSERVE_GRPC_PORT): %s", *address, exc)
             return False

@@ -430,8 +430,10 @@ def test_sigterm_drains_grpc(tmp_path: Path, workers: str) -> None:
 
 @pytest.mark.parametrize("workers", WORKERS)
 def test_a_taken_grpc_port_stops_start_up(workers: str) -> None:
-    """At once, naming the setting: not a worker that fails and is replaced again and again."""
+    """At once, naming the setting: not a worker that fails and is replaced again and again.
+    Held with SO_REUSEPORT, as another convserve's gRPC server holds it: not joined either."""
     with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]

@@ -90,6 +90,18 @@ def wait_ready(
     raise TimeoutError(f"{url} not ready after {timeout}s")
 
 
+def wait_listening(address: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection((host, int(port)), 1):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {address} after {timeout}s")
+
+
 @contextlib.contextmanager
 def running_server(
     tmp_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None
@@ -118,6 +130,8 @@ def running_server(
     server = ServerProcess(process, f"http://127.0.0.1:{port}", log, grpc)
     try:
         wait_ready(server.url, process=process)
+        if server.grpc:  # started right after the HTTP socket: a moment later
+            wait_listening(server.grpc, process)
         yield server
     finally:
         if process.poll() is None:

@@ -509,7 +509,10 @@ def test_every_worker_serves_grpc_and_a_replacement_does_too(tmp_path: Path) -> 
         port = int(server.grpc.rsplit(":", 1)[1])
         fronts = child_pids(server, "service.front")
         assert len(fronts) == 2
-        assert all(grpc_listeners(pid, port) == 1 for pid in fronts)
+        deadline = time.monotonic() + 10  # each starts its gRPC server after its own HTTP
+        while not all(grpc_listeners(pid, port) == 1 for pid in fronts):
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.05)
         victim = min(fronts)
         os.kill(victim, signal.SIGKILL)
         client = tgrpc.InferenceServerClient(server.grpc)

@@ -67,12 +67,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     CONVSERVE_HOST=0.0.0.0 \
     CONVSERVE_PORT=8000 \
+    CONVSERVE_GRPC_PORT=8001 \
     CONVSERVE_STORE=/models \
     CONVSERVE_CACHE_DIR=/tmp/convserve \
     CONVSERVE_DRAIN_S=30
 # Numeric, so Kubernetes' runAsNonRoot can verify it without a passwd lookup.
 USER 10001:10001
-EXPOSE 8000
+# 8000: HTTP; 8001: the Open Inference Protocol over gRPC
+EXPOSE 8000 8001
 # SIGTERM drains: not ready at once, admitted requests finish (up to CONVSERVE_DRAIN_S), exit 0.
 # Docker's default stop timeout (10 s) is shorter than the drain: run with --stop-timeout 40
 # (compose: stop_grace_period: 40s; Kubernetes: terminationGracePeriodSeconds: 45).

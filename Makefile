@@ -74,4 +74,8 @@ models: $(STAMP) ## retrain the bundled models (digits, lenet5) into new store v
 	$(BIN)/convserve train --arch small_cnn --name digits --epochs 12
 	$(BIN)/convserve train --arch lenet5 --name lenet5 --epochs 12
 
-.PHONY: help venv serve test lint typecheck fmt bench fuzz soak models docker docker-test
+grpc-code: $(STAMP) ## regenerate service/grpc_v2's protobuf and gRPC code from inference.proto
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. \
+		service/grpc_v2/inference.proto
+
+.PHONY: grpc-code help venv serve test lint typecheck fmt bench fuzz soak models docker docker-test

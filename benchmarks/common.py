@@ -153,7 +153,8 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         environ = {**os.environ, "CONVSERVE_PORT": str(self.port), "CONVSERVE_LOG_LEVEL": "warning",
-                   "CONVSERVE_CACHE_ENTRIES": "0", **env}  # fmt: skip
+                   "CONVSERVE_GRPC_PORT": str(free_port()), "CONVSERVE_CACHE_ENTRIES": "0",
+                   **env}  # fmt: skip
         self.started = time.perf_counter()
         self.process = subprocess.Popen(
             command or [sys.executable, "-m", "service", "serve"],

@@ -30,6 +30,7 @@ from service.errors import (
     ShuttingDownError,
 )
 from service.inference import Answer, Explain, Explained, gather_first_error
+from service.statistics import Statistics
 
 log = logging.getLogger("convserve.batching")
 
@@ -85,6 +86,7 @@ class Batcher:
         self._closed = False
         self._worker: asyncio.Task[None] | None = None
         self.formed: set[int] = set()  # batch sizes it ran: what a successor warms up
+        self.statistics = Statistics()  # Triton's per-version statistics (service.statistics)
         self._labels = (classifier.name, str(classifier.version))
         # the labelled series this batcher updates on every batch, looked up once
         self._depth = metrics.QUEUE_DEPTH.labels(*self._labels)
@@ -214,6 +216,7 @@ class Batcher:
                 continue  # the caller gave up (deadline or disconnect)
             if job.deadline <= now:
                 metrics.REJECTED.labels(self._labels[0], metrics.DEADLINE).inc()
+                self.statistics.failed(1, now - job.arrived)
                 job.future.set_exception(
                     DeadlineExceededError("the request waited in the queue past its deadline")
                 )
@@ -264,8 +267,9 @@ class Batcher:
         """Runs in the inference thread: one forward pass for the whole batch."""
         started = time.monotonic()
         size = len(batch)
-        for job in batch:
-            self._wait.observe(started - job.arrived)
+        waits = [started - job.arrived for job in batch]
+        for wait in waits:
+            self._wait.observe(wait)
         explain = batch[0].explain
         arrays = [job.array for job in batch]
         try:
@@ -294,7 +298,9 @@ class Batcher:
                 log.warning("batch of %d failed (%s); retrying image by image", size, exc)
                 return [outcome for job in batch for outcome in self._execute([job])]
             log.exception("inference failed for %s v%s", *self._labels)
+            self.statistics.ran(waits, time.monotonic() - started, 0)
             return [InferenceError(f"inference failed: {type(exc).__name__}: {exc}")]
+        self.statistics.ran(waits, ended - started, size)
         kind = "predict" if explain is None else explain.method
         metrics.INFERENCE.labels(*self._labels, kind).observe(ended - started)
         attributes: dict[str, str | int] = {

@@ -176,6 +176,7 @@ class Settings:
     device: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int = 8001
     workers: int = dataclasses.field(default_factory=available_cores)
     max_batch_size: int = 32
     max_delay_ms: float = 5.0
@@ -288,6 +289,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "device": _choice("auto", "cpu", "cuda"),
     "host": str,
     "port": _port,
+    "grpc_port": _port,
     "workers": _workers,
     "max_batch_size": _positive_int,
     "max_delay_ms": _non_negative_float,
@@ -332,6 +334,9 @@ HELP: dict[str, str] = {
     "device": "auto | cpu | cuda (auto: cuda when available)",
     "host": "address to bind",
     "port": "port to bind",
+    "grpc_port": (
+        "port of the Open Inference Protocol's gRPC service, on the same host (0: no gRPC)"
+    ),
     "workers": (
         "front worker processes for HTTP and decoding, beside one model process (auto: one "
         "per core; 0: the whole service in one process)"

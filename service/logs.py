@@ -7,6 +7,8 @@ import logging
 import re
 from typing import Any, cast
 
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a request id a client may choose
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; access lines carry their fields at the top level."""

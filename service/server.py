@@ -1,4 +1,5 @@
-"""Running the app under uvicorn, with a drain on SIGTERM: not ready, finish admitted, exit 0."""
+"""Running the app under uvicorn, with a drain on SIGTERM: not ready, finish admitted, exit 0.
+The gRPC server (CONVSERVE_GRPC_PORT) runs in the same event loop and drains with it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from types import FrameType
 from typing import Any
 
+import grpc
 import uvicorn
 
 from service import tracing
@@ -39,6 +41,36 @@ class DrainingServer(uvicorn.Server):
         self.drain_deadline: float | None = None
         self.drain_earliest = 0.0
         self.drain_noted = False
+        self.grpc: grpc.aio.Server | None = None
+        self.failed = False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's start-up (the app's lifespan, the HTTP socket), then the gRPC server."""
+        await super().startup(sockets)
+        settings = self.requests.settings
+        if self.should_exit or settings.grpc_port == 0:
+            return
+        from service.grpc_v2.server import start_grpc  # grpc's code only where it is served
+
+        try:
+            self.grpc = await start_grpc(
+                settings, self.requests, self.config.app, shared=self.supervised
+            )
+        except OSError as exc:
+            log.error("%s", exc)
+            self.failed = True
+            self.should_exit = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """The drain has let every admitted request finish: the gRPC server stops (calls still
+        running get what is left of CONVSERVE_DRAIN_S), then uvicorn's own shutdown."""
+        if self.grpc is not None:
+            grace = self.requests.settings.drain_s
+            if self.drain_deadline is not None:
+                grace = max(0.0, min(grace, self.drain_deadline - time.monotonic()))
+            await self.grpc.stop(grace)
+            self.grpc = None
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """A signal handler: it may interrupt any code, so it only sets flags (no locks, no
@@ -121,11 +153,11 @@ def serve_single(settings: Settings) -> int:
     app = create_app(settings)
     server = DrainingServer(_config(settings, app), app.state.requests)
     server.run()
-    return 0
+    return 1 if server.failed else 0
 
 
 def serve_front(settings: Settings, app: Any, requests: Requests, listener: socket.socket) -> int:
     """One front worker on the supervisor's socket; it drains on SIGTERM like a single process."""
     server = DrainingServer(_config(settings, app), requests, supervised=True)
     server.run(sockets=[listener])
-    return 0
+    return 1 if server.failed else 0

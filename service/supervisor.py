@@ -75,6 +75,10 @@ class Supervisor:
         self.listener = socket.create_server(
             (self.settings.host, self.settings.port), backlog=4096, reuse_port=False
         )
+        if not self._grpc_port_free():
+            self.listener.close()
+            shutil.rmtree(self.home, ignore_errors=True)
+            return 1
         self.listener.set_inheritable(True)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
@@ -97,6 +101,21 @@ class Supervisor:
         finally:
             shutil.rmtree(self.home, ignore_errors=True)
         return 1 if self.failed else 0
+
+    def _grpc_port_free(self) -> bool:
+        """Every worker binds CONVSERVE_GRPC_PORT itself, with SO_REUSEPORT. A port taken stops
+        start-up here, once, instead of failing every worker again and again; probed without
+        SO_REUSEPORT, so another server of this user holding it (which the workers could
+        join unnoticed) counts as taken."""
+        if self.settings.grpc_port == 0:
+            return True
+        address = (self.settings.host, self.settings.grpc_port)
+        try:
+            socket.create_server(address, reuse_port=False).close()
+        except OSError as exc:
+            log.error("cannot serve gRPC on %s:%d (CONVSERVE_GRPC_PORT): %s", *address, exc)
+            return False
+        return True
 
     def _command(self, module: str, *args: str) -> list[str]:
         settings = json.dumps(self.settings.to_env())

@@ -126,7 +126,8 @@ def start(engine: Engine, name: str, *options: str) -> str:
     port = free_port()
     engine.docker(
         "run", "--detach", "--name", name, "--network", "host", "--read-only", "--tmpfs", "/tmp",
-        "-e", "CONVSERVE_HOST=127.0.0.1", "-e", f"CONVSERVE_PORT={port}", *options, IMAGE,
+        "-e", "CONVSERVE_HOST=127.0.0.1", "-e", f"CONVSERVE_PORT={port}",
+        "-e", f"CONVSERVE_GRPC_PORT={free_port()}", *options, IMAGE,
     )  # fmt: skip
     return f"http://127.0.0.1:{port}"
 
@@ -180,7 +181,8 @@ def compose_stack(engine: Engine, tmp: Path) -> Iterator[tuple[str, str]]:
     env = {
         **os.environ, "DOCKER_HOST": engine.host, "COMPOSE_PROJECT_NAME": "convserve-docker-test",
         "CONVSERVE_IMAGE": IMAGE, "PROMETHEUS_IMAGE": PROMETHEUS_IMAGE,
-        "CONVSERVE_PORT": str(port), "PROMETHEUS_PORT": str(prometheus_port),
+        "CONVSERVE_PORT": str(port), "CONVSERVE_GRPC_PORT": str(free_port()),
+        "PROMETHEUS_PORT": str(prometheus_port),
         "PROMETHEUS_CONFIG": str(config),
     }  # fmt: skip
     # compose 1.29 refuses published ports on the host network, so the merged file runs

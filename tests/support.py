@@ -70,6 +70,7 @@ class ServerProcess:
     process: subprocess.Popen[bytes]
     url: str
     log: Path
+    grpc: str = ""  # host:port of its gRPC service ("" when CONVSERVE_GRPC_PORT=0)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -89,19 +90,34 @@ def wait_ready(
     raise TimeoutError(f"{url} not ready after {timeout}s")
 
 
+def wait_listening(address: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection((host, int(port)), 1):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {address} after {timeout}s")
+
+
 @contextlib.contextmanager
 def running_server(
     tmp_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> Iterator[ServerProcess]:
-    """`convserve serve` as a real process on a free port; stopped (SIGKILL if need be) after."""
+    """`convserve serve` as a real process on a free port (and a free gRPC port: never the
+    default 8001 another server may hold); stopped (SIGKILL if need be) after."""
     port = free_port()
     log = tmp_path / f"server-{port}.log"
     environ = {
         **os.environ,
         "CONVSERVE_PORT": str(port),
+        "CONVSERVE_GRPC_PORT": str(free_port()),
         "CONVSERVE_HOST": "127.0.0.1",
         **(env or {}),
     }
+    grpc_port = environ["CONVSERVE_GRPC_PORT"]
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "service", "serve"],
@@ -110,9 +126,12 @@ def running_server(
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", log)
+    grpc = f"127.0.0.1:{grpc_port}" if grpc_port != "0" else ""
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log, grpc)
     try:
         wait_ready(server.url, process=process)
+        if server.grpc:  # started right after the HTTP socket: a moment later
+            wait_listening(server.grpc, process)
         yield server
     finally:
         if process.poll() is None:

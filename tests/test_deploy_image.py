@@ -89,7 +89,7 @@ def test_runtime_stage_is_non_root_healthchecked_and_stops_gracefully() -> None:
     uid, _, gid = user.partition(":")
     assert int(uid) > 0, "numeric and not root, so Kubernetes' runAsNonRoot can check it"
     assert int(gid) > 0
-    assert stage["EXPOSE"] == ["8000"]
+    assert stage["EXPOSE"] == ["8000 8001"]  # HTTP, gRPC
     assert stage["STOPSIGNAL"] == ["SIGTERM"]
     env = " ".join(stage["ENV"])
     for setting in ("CONVSERVE_HOST=0.0.0.0", "CONVSERVE_PORT=8000", "CONVSERVE_STORE=/models"):

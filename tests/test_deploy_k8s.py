@@ -104,9 +104,11 @@ def test_service_monitor_and_pdb_select_the_deployment() -> None:
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     service = k8s_object(K8S / "service.yaml")
     assert service["spec"]["selector"].items() <= pod_labels.items()
-    (container_port,) = pod_spec(K8S / "deployment.yaml")["containers"][0]["ports"]
-    (port,) = service["spec"]["ports"]
-    assert port["targetPort"] == container_port["name"]
+    container_ports = pod_spec(K8S / "deployment.yaml")["containers"][0]["ports"]
+    assert {p["name"]: p["containerPort"] for p in container_ports} == {"http": 8000, "grpc": 8001}
+    port, grpc_port = service["spec"]["ports"]
+    assert (port["name"], port["targetPort"]) == ("http", "http")
+    assert (grpc_port["targetPort"], grpc_port["appProtocol"]) == ("grpc", "grpc")
     monitor = k8s_object(K8S / "servicemonitor.yaml")
     assert (
         monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()

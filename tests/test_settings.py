@@ -184,7 +184,8 @@ def test_a_store_whose_model_cannot_load_is_not_logged_as_ready(tmp_path: Path) 
     port = free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
     env = {**clean, "CONVSERVE_STORE": str(tmp_path / "store"), "CONVSERVE_PORT": str(port),
-           "CONVSERVE_WORKERS": "0", "PYTHONPATH": str(ROOT)}  # fmt: skip
+           "CONVSERVE_GRPC_PORT": "0", "CONVSERVE_WORKERS": "0",
+           "PYTHONPATH": str(ROOT)}  # fmt: skip
     log = tmp_path / "server.log"
     with log.open("wb") as sink:
         server = subprocess.Popen([*CONVSERVE, "serve"], env=env, stdout=sink, stderr=sink)

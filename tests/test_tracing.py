@@ -14,7 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as tgrpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -199,3 +201,28 @@ def test_tracing_is_off_without_an_exporter(tmp_path: Path) -> None:
         assert answer.status_code == 200
         assert "trace_id" not in access_line(server, answer)
         assert "opentelemetry.sdk" not in server.output()
+
+
+def test_grpc_calls_are_traced_too(tmp_path: Path, receiver: Receiver) -> None:
+    env = {"CONVSERVE_WORKERS": "2", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+           "OTEL_BSP_SCHEDULE_DELAY": "100"}  # fmt: skip
+    body = png_bytes(digit_picture(held_out_digits(1, seed=22)[0]))
+    with running_server(tmp_path, env) as server:
+        client = tgrpc.InferenceServerClient(server.grpc)
+        tensor = tgrpc.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([body], dtype=np.object_))
+        client.infer("digits", [tensor], headers={"traceparent": f"00-{TRACE}-{PARENT}-01"})
+
+        def complete(spans: list[Span]) -> bool:
+            mine = [s for s in spans if s.trace == TRACE and s.name == "ModelInfer"]
+            linked = {link for s in spans if s.name == "batch" for link in s.links}
+            return (
+                bool(mine) and mine[0].span in linked and "queue wait" in children(spans, mine[0])
+            )
+
+        spans = receiver.wait_for(complete)
+        (call,) = [s for s in spans if s.trace == TRACE and s.name == "ModelInfer"]
+        assert call.parent == PARENT
+        assert call.attributes["rpc.system"] == "grpc"
+        assert call.attributes["convserve.model"] == "digits"
+        assert {"decode and preprocess", "queue wait", "inference"} <= set(children(spans, call))

@@ -120,6 +120,8 @@ def test_requests_written_from_the_spec(server: ServerProcess) -> None:
     assert httpx.get(f"{server.url}/v2").json()["extensions"] == [
         "classification",
         "binary_tensor_data",
+        "model_configuration",
+        "statistics",
     ]
     assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
     assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200

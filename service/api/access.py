@@ -18,9 +18,9 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from service import metrics, tracing
 from service.errors import ServiceError
 from service.inference import Classified, Route
+from service.logs import REQUEST_ID
 
 log = logging.getLogger("convserve.access")
-REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 SCOPE_KEY = "convserve"
 CLIENT_METHOD = "convserve.method"  # the method sent, where the app answers it as another (HEAD)
 PREDICTION_PATHS = re.compile(

@@ -16,8 +16,8 @@ from litestar.openapi.spec import (
     Schema,
 )
 
-from service.api.tensors import MAX_DIM, MAX_RANK
 from service.problems import PROBLEM_TYPE, Problem
+from service.tensors import MAX_DIM, MAX_RANK
 
 BINARY = Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY)
 
@@ -86,7 +86,7 @@ class InferOperation(Operation):
         scalar = [OpenAPIType.STRING, OpenAPIType.NUMBER, OpenAPIType.BOOLEAN, OpenAPIType.NULL]
         parameters = Schema(
             type=OpenAPIType.OBJECT, additional_properties=Schema(type=scalar)
-        )  # service.api.tensors: values are never containers
+        )  # service.tensors: values are never containers
         dimension = Schema(type=OpenAPIType.INTEGER, minimum=1, maximum=MAX_DIM)
         tensor = _tensor_schema(
             ["name", "shape", "datatype"],

@@ -4,7 +4,7 @@ Inputs: one BYTES tensor of encoded image files (base64 strings in JSON, raw byt
 binary-data extension), or one FP32 tensor already preprocessed to the model's (N, C, H, W).
 Output: `probabilities` FP32 (N, classes); with `"parameters": {"classification": k}` the
 top k as BYTES "probability:index:label" (Triton's classification extension).
-Bodies are read and bounded by service.api.tensors, large ones off the event loop.
+Bodies are read and bounded by service.tensors, large ones off the event loop.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from service.api.access import annotate, annotate_answer
 from service.api.dependencies import RequestsDep
 from service.api.hangup import unless_hung_up
 from service.api.openapi import InferOperation, problems
-from service.api.tensors import BINARY_HEADER, OUTPUT, Limits, parse_request
 from service.api.uploads import read_body
 from service.errors import ModelNotReadyError
 from service.inference import Requests, Route
+from service.tensors import BINARY_HEADER, OUTPUT, Limits, parse_request, top_rows
 
 OFF_LOOP_BYTES = 1 << 20  # bodies above this are parsed in a worker thread
 
@@ -73,7 +73,8 @@ class InferResponse(msgspec.Struct, omit_defaults=True):
 
 @get("/v2", summary="Open Inference Protocol: server metadata")
 async def server_metadata() -> ServerMetadata:
-    return ServerMetadata("convserve", __version__, ["classification", "binary_tensor_data"])
+    extensions = ["classification", "binary_tensor_data", "model_configuration", "statistics"]
+    return ServerMetadata("convserve", __version__, extensions)
 
 
 @get("/v2/health/live", summary="Open Inference Protocol: liveness")
@@ -100,9 +101,7 @@ def _outputs(top_k: int | None, probabilities: np.ndarray, labels: list[str]) ->
         return OutputTensor(
             OUTPUT, "FP32", list(probabilities.shape), probabilities.reshape(-1).tolist()
         )
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
-    rows = [f"{p[i]:f}:{i}:{labels[i]}" for p, top in zip(probabilities, order, strict=True)
-            for i in top]  # fmt: skip
+    rows = top_rows(top_k, probabilities, labels)
     return OutputTensor(OUTPUT, "BYTES", [len(probabilities), top_k], rows)
 
 

@@ -1,7 +1,10 @@
-"""Open Inference Protocol routes about the models themselves (metadata, readiness per model):
-served where the catalog is, the single process or the model process."""
+"""Open Inference Protocol routes about the models themselves (metadata, readiness per model,
+and Triton's configuration and statistics): served where the catalog is, the single process
+or the model process."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from litestar import Router, get
 from litestar.params import FromPath
@@ -47,6 +50,67 @@ async def model_ready(
     return Readiness(name, True)
 
 
+def _config(deployment: Deployment) -> dict[str, Any]:
+    """Triton's model configuration (its JSON, as model_config.proto spells it)."""
+    classifier, batcher = deployment.classifier, deployment.batcher
+    return {
+        "name": classifier.name,
+        "platform": f"pytorch_{classifier.spec.architecture}",
+        "backend": classifier.engine.name,
+        "max_batch_size": batcher.max_batch_size,
+        # dims leave out the batch dimension; an image is one encoded file per batch row
+        "input": [
+            {"name": "image", "data_type": "TYPE_STRING", "dims": [1]},
+            {"name": "input", "data_type": "TYPE_FP32", "dims": list(classifier.input_shape)},
+        ],
+        "output": [
+            {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [len(classifier.labels)]}
+        ],
+        # no preferred sizes: a batch takes whatever is queued, up to max_batch_size
+        "dynamic_batching": {
+            "preferred_batch_size": [],
+            "max_queue_delay_microseconds": round(batcher.max_delay_s * 1_000_000),
+        },
+    }
+
+
+@get(["/v2/models/{name:str}/config", "/v2/models/{name:str}/versions/{version:str}/config"],
+     summary="Triton: model configuration (batching, tensors)",
+     responses=problems(404, 503))  # fmt: skip
+async def model_config(
+    runtime: RuntimeDep, name: FromPath[str], version: FromPath[str | None] = None
+) -> dict[str, Any]:
+    return _config(runtime.catalog.resolve(name, version))
+
+
+def _stats(deployments: list[Deployment]) -> dict[str, Any]:
+    ordered = sorted(deployments, key=lambda d: (d.classifier.name, d.version))
+    return {
+        "model_stats": [d.batcher.statistics.to_json(d.classifier.name, d.version) for d in ordered]
+    }
+
+
+@get("/v2/models/stats", summary="Triton: inference statistics of every loaded version")
+async def all_stats(runtime: RuntimeDep) -> dict[str, Any]:
+    return _stats(runtime.catalog.deployments())
+
+
+@get(["/v2/models/{name:str}/stats", "/v2/models/{name:str}/versions/{version:str}/stats"],
+     summary="Triton: inference statistics (counts, queue and compute time in ns)",
+     responses=problems(404, 503))  # fmt: skip
+async def model_stats(
+    runtime: RuntimeDep, name: FromPath[str], version: FromPath[str | None] = None
+) -> dict[str, Any]:
+    """One version when named, else every loaded version of the model."""
+    deployment = runtime.catalog.resolve(name, version)
+    if version is not None:
+        return _stats([deployment])
+    model = deployment.classifier.name
+    return _stats([d for d in runtime.catalog.deployments() if d.classifier.name == model])
+
+
 v2_models = Router(
-    path="/", route_handlers=[model_metadata, model_ready], tags=["open inference protocol"]
+    path="/",
+    route_handlers=[model_metadata, model_ready, model_config, all_stats, model_stats],
+    tags=["open inference protocol"],
 )

@@ -1,4 +1,6 @@
-"""Open Inference Protocol request bodies -> images or FP32 arrays, bounded before work is done.
+"""Open Inference Protocol tensors -> images or FP32 arrays, bounded before work is done: the
+REST V2 routes' JSON bodies (parse_request), and the checks gRPC's ModelInfer shares with them
+(service.grpc_v2.messages). Transport-neutral: no litestar here.
 
 A body is read twice. First with nothing built, only skipped: where the tensor data lies,
 how many inputs and outputs there are; the JSON outside the data must then fit in
@@ -21,8 +23,8 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 import numpy as np
 
-from service.api.uploads import Upload
 from service.errors import BadRequestError, PayloadTooLargeError
+from service.inference import Image as Upload
 
 BINARY_HEADER = "inference-header-content-length"
 OUTPUT = "probabilities"
@@ -150,34 +152,64 @@ def parse_request(body: bytes, header_length: str | None, limits: Limits) -> Par
     count = element_count(tensor)
     size = binary_size(tensor, binary)
     items: list[Upload] | list[np.ndarray]
-    if tensor.datatype == "BYTES":
-        if count > limits.max_images:
-            raise PayloadTooLargeError(
-                f"input {shown(tensor.name)} has shape {tensor.shape}: {count} images; "
-                f"the limit is {limits.max_images}"
-            )
+    if check_datatype(tensor) == "BYTES":
+        check_image_count(tensor, count, limits)
         elements = json_bytes(tensor, count) if size is None else binary_bytes(binary, count)
-        items = [Upload(f"element {i}", data) for i, data in enumerate(elements)]
-    elif tensor.datatype == "FP32":
-        items = list(fp32_batch(tensor, binary if size is not None else None, limits))
+        items = uploads(elements)
     else:
+        items = list(fp32_batch(tensor, binary if size is not None else None, limits))
+    return ParsedRequest(items, top_k, request.id)
+
+
+def check_datatype(tensor: InputTensor) -> str:
+    """BYTES (encoded image files) or FP32 (preprocessed arrays); 400 otherwise."""
+    if tensor.datatype not in ("BYTES", "FP32"):
         raise BadRequestError(
             f"datatype {shown(tensor.datatype)} is not accepted; send BYTES or FP32"
         )
-    return ParsedRequest(items, top_k, request.id)
+    return tensor.datatype
+
+
+def check_image_count(tensor: InputTensor, count: int, limits: Limits) -> None:
+    """A BYTES tensor holds one image per element: 413 past CONVSERVE_MAX_IMAGES."""
+    if count > limits.max_images:
+        raise PayloadTooLargeError(
+            f"input {shown(tensor.name)} has shape {tensor.shape}: {count} images; "
+            f"the limit is {limits.max_images}"
+        )
+
+
+def uploads(elements: list[bytes]) -> list[Upload]:
+    """BYTES elements as images, named by their position for their errors."""
+    return [Upload(f"element {i}", data) for i, data in enumerate(elements)]
 
 
 def check_outputs(entries: list[msgspec.Raw]) -> None:
     """The one known output, asked for at most once (each copy would repeat the answer).
     Only the first two entries are read: a flood of copies is refused at its second."""
-    for index, entry in enumerate(entries[:2]):
-        name = decode(entry, NameOnly, f"output {index}: ").name
+    check_output_names(
+        [
+            decode(entry, NameOnly, f"output {index}: ").name
+            for index, entry in enumerate(entries[:2])
+        ],
+        len(entries),
+    )
+
+
+def check_output_names(names: list[str], total: int) -> None:
+    """The first (at most two) requested output names of `total`: only OUTPUT, once."""
+    for index, name in enumerate(names[:2]):
         if name != OUTPUT:
             raise BadRequestError(f"unknown output {shown(name)}; this model has {OUTPUT!r}")
         if index == 1:
-            raise BadRequestError(
-                f"output {name!r} is requested {len(entries)} times; ask for it once"
-            )
+            raise BadRequestError(f"output {name!r} is requested {total} times; ask for it once")
+
+
+def top_rows(top_k: int, probabilities: np.ndarray, labels: list[str]) -> list[str]:
+    """The classification extension: each row's top k as "probability:index:label", row-major."""
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+    return [f"{p[i]:f}:{i}:{labels[i]}" for p, top in zip(probabilities, order, strict=True)
+            for i in top]  # fmt: skip
 
 
 def classification(outputs: list[RequestedOutput], classes: int) -> int | None:
@@ -196,7 +228,8 @@ def classification(outputs: list[RequestedOutput], classes: int) -> int | None:
 def element_count(tensor: InputTensor) -> int:
     """The elements its shape declares: 1 to MAX_RANK dimensions, each 1..MAX_DIM (so the
     product stays a number that can be printed in a detail)."""
-    if not tensor.shape or any(not 1 <= d <= MAX_DIM for d in tensor.shape):
+    shape = tensor.shape
+    if not 0 < len(shape) <= MAX_RANK or any(not 1 <= d <= MAX_DIM for d in shape):
         raise BadRequestError(
             f"input {shown(tensor.name)} has shape {shown(tensor.shape)}; every dimension "
             f"must be an integer from 1 to {MAX_DIM}, at most {MAX_RANK} of them"

@@ -1,0 +1,277 @@
+"""`convserve predict`: files and folders classified in this process by the server's own parts.
+
+The loader and catalog load the version (its engine chosen as the server chooses it), the
+request path (service.inference) decodes each file in the decoder processes under the server's
+limits, and the version's batcher runs the batches. Each file is one request of one image, so a
+bad file fails alone, with the words the server's problem would use. A window of files is in
+flight at once (two batches and one image per decoder): while a batch runs, the decoders
+prepare the next one, so decoding overlaps inference. Rows come out in input order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.api.schemas import top_predictions
+from service.config import Settings
+from service.errors import InvalidImageError, PayloadTooLargeError, ServiceError
+from service.imaging import PreparedImage
+from service.inference import Explain, Image, Requests, Route
+from service.local import LocalModels
+from service.overlay import overlay_png
+from service.rows import Outcome
+from service.runtime import Runtime
+from service.store import ModelStore
+
+log = logging.getLogger("convserve.offline")
+
+
+@dataclass(frozen=True)
+class Input:
+    """One file to classify (or a folder that could not be listed: `problem` says why)."""
+
+    path: Path  # as the user named it: the argument, joined with the path inside a folder
+    name: str = ""  # its path below the folder every input shares: its heatmap's file name
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every file of the run gets: the version, the top-k and the heatmap wanted."""
+
+    model: str | None
+    version: int | None
+    top_k: int
+    heatmap: str | None  # "gradcam" | "activation"
+    out: Path | None  # where heatmap pictures go
+
+
+@dataclass(frozen=True)
+class Summary:
+    model: str
+    version: int
+    engine: str
+    batch_size: int
+    files: int
+    failed: int
+    seconds: float  # from the first file taken to the last row written (loading not counted)
+
+
+def _walk(folder: Path, skipped: Callable[[Path], bool]) -> Iterator[Input]:
+    """Every file below `folder`, depth first, names sorted; hidden entries (.name) and the
+    command's own output left out. A folder that cannot be listed is an input with a problem:
+    nothing is left out silently."""
+    problems: list[OSError] = []
+    for root, folders, files in os.walk(folder, onerror=problems.append):
+        yield from _unlisted(problems, folder)
+        base = Path(root)
+        folders[:] = sorted(f for f in folders if not f.startswith(".") and not skipped(base / f))
+        for name in sorted(files):
+            if not name.startswith(".") and not skipped(base / name):
+                yield Input(base / name)
+    yield from _unlisted(problems, folder)  # the last folder, or the top one itself
+
+
+def _unlisted(problems: list[OSError], folder: Path) -> Iterator[Input]:
+    """The folders os.walk could not list since it was last asked, as inputs with a problem."""
+    for failed in problems:
+        yield Input(Path(failed.filename or folder), problem=_unreadable(failed, "list the folder"))
+    problems.clear()
+
+
+def _absolute(path: Path) -> Path:
+    """Absolute, with `..` and `.` taken out by the letter (links are not followed: a link to
+    a file elsewhere is named where it was found)."""
+    return Path(os.path.normpath(path.absolute()))
+
+
+def find_inputs(paths: Sequence[Path], skip: Collection[Path] = ()) -> list[Input]:
+    """Files in the order given, folders walked in sorted order, each named for its heatmap by
+    its path below the folder all inputs share (so no two names collide). `skip`: files and
+    folders a walk leaves out (the command's output); files named on the command line stay."""
+    skipped_paths = {_absolute(path) for path in skip}
+
+    def skipped(path: Path) -> bool:
+        return _absolute(path) in skipped_paths
+
+    found: list[Input] = []
+    for path in paths:
+        if path.is_dir():
+            found += _walk(path, skipped)
+        else:
+            found.append(Input(path))
+    if not found:
+        shown = ", ".join(map(str, paths))
+        raise ValueError(f"nothing to classify: {shown} holds no files (hidden ones are skipped)")
+    absolute = [_absolute(item.path) for item in found]
+    shared = os.path.commonpath([path.parent for path in absolute])
+    return [
+        Input(item.path, str(path.relative_to(shared)), item.problem)
+        for item, path in zip(found, absolute, strict=True)
+    ]
+
+
+def _unreadable(exc: OSError, what: str) -> str:
+    return f"cannot {what}: {exc.strerror or type(exc).__name__}"
+
+
+def read_file(path: Path, limit: int) -> bytes:
+    """The file's bytes, at most `limit` (CONVSERVE_MAX_BODY_BYTES, the server's body limit)."""
+    with path.open("rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise InvalidImageError("not a regular file (a device, a pipe or a socket)")
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLargeError(
+            f"the file exceeds the limit of {limit:,} bytes (CONVSERVE_MAX_BODY_BYTES)"
+        )
+    return data
+
+
+def write_overlay(target: Path, prepared: PreparedImage, grid: np.ndarray) -> None:
+    """The server's heatmap picture (service.overlay) of one image, written to `target`."""
+    assert prepared.display is not None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(overlay_png(prepared.display, prepared.box, grid))
+
+
+class Run:
+    """One `convserve predict`: the models side (Runtime), the request path, the files."""
+
+    def __init__(self, settings: Settings, job: Job) -> None:
+        self.settings = settings
+        self.job = job
+        self.runtime = Runtime(settings)
+        self.models = LocalModels(self.runtime.catalog)
+        self.requests = Requests(settings, self.models)
+
+    async def classify(
+        self,
+        inputs: Sequence[Input],
+        open_rows: Callable[[Route, int], Callable[[Outcome], None]],
+        done: Callable[[Outcome], None] = lambda outcome: None,
+    ) -> Summary:
+        """Load the version, then classify every input. Once loaded, `open_rows(route, count)`
+        gives the function that writes the rows (in input order); `done` gets each outcome as
+        it completes (progress)."""
+        store = ModelStore(self.settings.store)
+        name, number = store.resolve(self.job.model or self.settings.default_model,
+                                     self.job.version)  # fmt: skip
+        starting = asyncio.ensure_future(self.requests.start())  # decoders start while it loads
+        try:
+            try:
+                deployment = await self.runtime.load_version(name, number)
+            finally:
+                await starting
+            route = await self.models.route(name, str(number))
+            batch = deployment.batcher.max_batch_size
+            window = min(self.settings.max_queue, 2 * batch + self.settings.decode_threads)
+            write = open_rows(route, len(inputs))
+            started = time.monotonic()
+            failed = await self._pipeline(route, inputs, window, write, done)
+        finally:
+            self.requests.stop()
+            await self.models.stop()
+            await self.runtime.stop()
+        return Summary(route.name, route.version, deployment.classifier.engine.name, batch,
+                       len(inputs), failed, time.monotonic() - started)  # fmt: skip
+
+    async def _pipeline(
+        self,
+        route: Route,
+        inputs: Sequence[Input],
+        window: int,
+        write: Callable[[Outcome], None],
+        done: Callable[[Outcome], None],
+    ) -> int:
+        """At most `window` files in flight; rows written in input order as they complete."""
+        slots = asyncio.Semaphore(window)
+        finished: dict[int, Outcome] = {}
+        arrived = asyncio.Event()
+        tasks: set[asyncio.Task[None]] = set()
+        written = failed = 0
+
+        async def one(index: int, item: Input) -> None:
+            try:
+                outcome = await self._one(route, item)
+            except Exception as exc:  # a bug for one file must not hang or stop the run
+                log.exception("%s failed", item.path)
+                outcome = self._failed(route, item, f"internal error: {type(exc).__name__}")
+            finally:
+                slots.release()
+            finished[index] = outcome
+            arrived.set()
+            done(outcome)
+
+        def flush() -> None:
+            nonlocal written, failed
+            while written in finished:
+                outcome = finished.pop(written)
+                failed += outcome.error is not None
+                write(outcome)
+                written += 1
+
+        for index, item in enumerate(inputs):
+            await slots.acquire()
+            flush()
+            task = asyncio.create_task(one(index, item))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        while written < len(inputs):
+            await arrived.wait()
+            arrived.clear()
+            flush()
+        return failed
+
+    def _failed(self, route: Route, item: Input, error: str) -> Outcome:
+        return Outcome(str(item.path), route.name, route.version, [], error=error)
+
+    async def _one(self, route: Route, item: Input) -> Outcome:
+        """One file through the server's request path: read, decode, batch, top-k, heatmap."""
+        if item.problem is not None:
+            return self._failed(route, item, item.problem)
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.settings.deadline_s
+        job = self.job
+        try:
+            data = await loop.run_in_executor(
+                None, read_file, item.path, self.settings.max_body_bytes
+            )
+        except OSError as exc:
+            return self._failed(route, item, _unreadable(exc, "read the file"))
+        except ServiceError as exc:
+            return self._failed(route, item, exc.detail)
+        method = job.heatmap
+
+        def explain(version: Route) -> Explain | None:
+            return None if method is None else Explain(method, version.heatmap_point(None))
+
+        try:
+            classified = await self.requests.classify(
+                route, str(route.version), [Image("body", data)], deadline,
+                explain=explain, keep_display=method is not None,
+            )  # fmt: skip
+        except ServiceError as exc:
+            return self._failed(route, item, exc.detail)
+        answer, prepared = classified.answers[0], classified.prepared[0]
+        predictions = top_predictions(answer.probabilities, classified.route.labels, job.top_k)
+        heatmap = None
+        if method is not None and job.out is not None:
+            assert answer.explained is not None
+            assert prepared is not None
+            target = job.out / f"{item.name}.png"
+            await loop.run_in_executor(
+                self.requests.painters, write_overlay, target, prepared, answer.explained.grid
+            )
+            heatmap = str(target)
+        return Outcome(str(item.path), classified.route.name, classified.route.version,
+                       predictions, heatmap)  # fmt: skip

@@ -494,7 +494,7 @@ def _predict(args: argparse.Namespace) -> int:
     rate = summary.files / summary.seconds if summary.seconds > 0 else 0.0
     print(
         f"convserve predict: {summary.files} files with {summary.model} v{summary.version} "
-        f"({summary.engine}, batches of up to {summary.batch_size}): "
+        f"({summary.engine}, batches of up to {summary.batch_size}, largest {summary.largest}): "
         f"{summary.files - summary.failed} classified, {summary.failed} failed, "
         f"in {summary.seconds:.2f} s ({rate:.1f} files/s)",
         file=sys.stderr,

@@ -60,7 +60,8 @@ class Summary:
     model: str
     version: int
     engine: str
-    batch_size: int
+    batch_size: int  # the largest batch the batcher may form
+    largest: int  # the largest it formed
     files: int
     failed: int
     seconds: float  # from the first file taken to the last row written (loading not counted)
@@ -182,8 +183,9 @@ class Run:
             self.requests.stop()
             await self.models.stop()
             await self.runtime.stop()
+        largest = max(deployment.batcher.formed, default=0)
         return Summary(route.name, route.version, deployment.classifier.engine.name, batch,
-                       len(inputs), failed, time.monotonic() - started)  # fmt: skip
+                       largest, len(inputs), failed, time.monotonic() - started)  # fmt: skip
 
     async def _pipeline(
         self,

@@ -67,26 +67,37 @@ class Summary:
     seconds: float  # from the first file taken to the last row written (loading not counted)
 
 
-def _walk(folder: Path, skipped: Callable[[Path], bool]) -> Iterator[Input]:
-    """Every file below `folder`, depth first, names sorted; hidden entries (.name) and the
-    command's own output left out. A folder that cannot be listed is an input with a problem:
-    nothing is left out silently."""
-    problems: list[OSError] = []
-    for root, folders, files in os.walk(folder, onerror=problems.append):
-        yield from _unlisted(problems, folder)
-        base = Path(root)
-        folders[:] = sorted(f for f in folders if not f.startswith(".") and not skipped(base / f))
-        for name in sorted(files):
-            if not name.startswith(".") and not skipped(base / name):
-                yield Input(base / name)
-    yield from _unlisted(problems, folder)  # the last folder, or the top one itself
-
-
-def _unlisted(problems: list[OSError], folder: Path) -> Iterator[Input]:
-    """The folders os.walk could not list since it was last asked, as inputs with a problem."""
-    for failed in problems:
-        yield Input(Path(failed.filename or folder), problem=_unreadable(failed, "list the folder"))
-    problems.clear()
+def _walk(folder: Path, skipped: Callable[[Path], bool],
+          above: frozenset[tuple[int, int]] = frozenset()) -> Iterator[Input]:  # fmt: skip
+    """Every file below `folder`: its files by name, then its sub-folders by name, each the
+    same way. Hidden entries (.name) and the command's own output are left out; links are
+    followed, except a link to a folder the walk is inside (`above`: it would never end).
+    A folder that cannot be listed is an input with a problem: nothing is left out silently."""
+    try:
+        status = folder.stat()
+        here = (status.st_dev, status.st_ino)
+        if here in above:
+            return
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+    except OSError as exc:
+        yield Input(folder, problem=_unreadable(exc, "list the folder"))
+        return
+    folders = []
+    for entry in entries:
+        path = folder / entry.name
+        if entry.name.startswith(".") or skipped(path):
+            continue
+        try:
+            is_folder = entry.is_dir()  # through a link too
+        except OSError:
+            is_folder = False  # reading it will say what is wrong
+        if is_folder:
+            folders.append(path)
+        else:
+            yield Input(path)
+    for path in folders:
+        yield from _walk(path, skipped, above | {here})
 
 
 def _absolute(path: Path) -> Path:
@@ -127,9 +138,9 @@ def _unreadable(exc: OSError, what: str) -> str:
 
 def read_file(path: Path, limit: int) -> bytes:
     """The file's bytes, at most `limit` (CONVSERVE_MAX_BODY_BYTES, the server's body limit)."""
+    if not stat.S_ISREG(path.stat().st_mode):  # before opening: opening a pipe would wait
+        raise InvalidImageError("not a regular file (a device, a pipe or a socket)")
     with path.open("rb") as file:
-        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-            raise InvalidImageError("not a regular file (a device, a pipe or a socket)")
         data = file.read(limit + 1)
     if len(data) > limit:
         raise PayloadTooLargeError(

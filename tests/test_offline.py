@@ -8,6 +8,7 @@ import base64
 import csv
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -272,6 +273,30 @@ def test_the_servers_limits_apply_to_each_file(tmp_path: Path) -> None:
         "allowed formats: PNG (CONVSERVE_FORMATS)"
     )
     assert errors["small.png"] == ""
+
+
+def test_links_are_followed_and_what_cannot_be_read_has_its_row(tmp_path: Path) -> None:
+    """A link to a folder is walked, a link back up is not (the walk would never end); a pipe
+    and a dangling link each get a row saying why, and are never waited on."""
+    folder = tmp_path / "in"
+    (folder / "a").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    digit = digit_picture(held_out_digits(1)[0])
+    (folder / "a" / "one.png").write_bytes(png_bytes(digit))
+    (tmp_path / "elsewhere" / "two.png").write_bytes(png_bytes(digit))
+    (folder / "a" / "up").symlink_to("..")
+    (folder / "b").symlink_to(tmp_path / "elsewhere")
+    (folder / "gone.png").symlink_to("nowhere.png")
+    os.mkfifo(folder / "pipe")
+    result = run_cli("predict", "in", "--store", BUNDLED_STORE, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    rows = [(row["path"], row["error"]) for row in csv_rows(result.stdout)]
+    assert rows == [
+        ("in/gone.png", "cannot read the file: No such file or directory"),
+        ("in/pipe", "not a regular file (a device, a pipe or a socket)"),
+        ("in/a/one.png", ""),
+        ("in/b/two.png", ""),
+    ]
 
 
 def _broken_store(root: Path) -> Path:

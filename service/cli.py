@@ -480,6 +480,8 @@ def _predict(args: argparse.Namespace) -> int:
     job = Job(args.model, args.version, args.top_k, args.heatmap, args.out)
     try:
         report = Report(args.output, args.format, args.top_k, heatmap=args.heatmap is not None)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
         try:
             with (
                 logging_configured(settings.log_format, settings.log_level),

@@ -81,7 +81,7 @@ def _walk(folder: Path, skipped: Callable[[Path], bool],
         with os.scandir(folder) as listing:
             entries = sorted(listing, key=lambda entry: entry.name)
     except OSError as exc:
-        yield Input(folder, problem=_unreadable(exc, "list the folder"))
+        yield Input(folder, problem=_cannot(exc, "list the folder"))
         return
     folders = []
     for entry in entries:
@@ -132,7 +132,7 @@ def find_inputs(paths: Sequence[Path], skip: Collection[Path] = ()) -> list[Inpu
     ]
 
 
-def _unreadable(exc: OSError, what: str) -> str:
+def _cannot(exc: OSError, what: str) -> str:
     return f"cannot {what}: {exc.strerror or type(exc).__name__}"
 
 
@@ -260,7 +260,7 @@ class Run:
                 None, read_file, item.path, self.settings.max_body_bytes
             )
         except OSError as exc:
-            return self._failed(route, item, _unreadable(exc, "read the file"))
+            return self._failed(route, item, _cannot(exc, "read the file"))
         except ServiceError as exc:
             return self._failed(route, item, exc.detail)
         method = job.heatmap
@@ -282,9 +282,12 @@ class Run:
             assert answer.explained is not None
             assert prepared is not None
             target = job.out / f"{item.name}.png"
-            await loop.run_in_executor(
-                self.requests.painters, write_overlay, target, prepared, answer.explained.grid
-            )
+            try:
+                await loop.run_in_executor(
+                    self.requests.painters, write_overlay, target, prepared, answer.explained.grid
+                )
+            except OSError as exc:
+                return self._failed(route, item, _cannot(exc, f"write {target}"))
             heatmap = str(target)
         return Outcome(str(item.path), classified.route.name, classified.route.version,
                        predictions, heatmap)  # fmt: skip

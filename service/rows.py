@@ -109,7 +109,6 @@ class Report:
         self.heatmap = heatmap
         self.stream: TextIO | None = None
         self.bar: tqdm[NoReturn] | None = None  # a bar with no iterable of its own
-        self.failed = 0
         if output is not None:  # refused now, not after the model has loaded
             where = output if output.exists() else output.absolute().parent
             if not os.access(where, os.W_OK):
@@ -133,7 +132,6 @@ class Report:
         def write_row(outcome: Outcome) -> None:
             write(outcome)
             if outcome.error is not None:
-                self.failed += 1
                 tqdm.write(f"convserve predict: {outcome.path}: {outcome.error}", file=sys.stderr)
 
         return write_row

@@ -52,7 +52,7 @@ fuzz: $(STAMP) ## fuzz the image decode path for ten minutes (atheris); fails on
 	$(BIN)/python tests/fuzz_decode.py artifacts/fuzz-corpus -max_total_time=600 \
 		-rss_limit_mb=$(FUZZ_RSS_MB) -timeout=10 -artifact_prefix=artifacts/
 
-bench: $(STAMP) ## benchmark against the in-process limit, a naive server and peers (about 60 min)
+bench: $(STAMP) ## benchmark against the in-process limit, a naive server, peers, convserve predict (about 60 min)
 	command -v hey >/dev/null || (apt-get update -q && apt-get install -y -q hey)
 	$(BIN)/python -m benchmarks.driver
 	$(BIN)/python -m benchmarks.workers
@@ -61,6 +61,7 @@ bench: $(STAMP) ## benchmark against the in-process limit, a naive server and pe
 	$(BIN)/python -m benchmarks.swap
 	$(BIN)/python -m benchmarks.memory --python $(MEMORY_PYTHONS)
 	$(BIN)/python -m benchmarks.cache
+	$(BIN)/python -m benchmarks.offline
 
 soak: $(STAMP) ## 20,000 mixed requests; fails if the server's memory grows past the bound
 	$(BIN)/python -m benchmarks.soak

@@ -10,11 +10,15 @@ import signal
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from service.engines import Engine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -45,6 +49,28 @@ def time_call(fn: Callable[[], object], repeats: int, warmup: int = 2) -> dict[s
         "p90_ms": samples[min(len(samples) - 1, int(0.9 * len(samples)))],
         "repeats": repeats,
     }
+
+
+def forward(engine: Engine, arrays: Sequence[np.ndarray]) -> None:
+    """The model half of the in-process limit: one forward pass over the (C, H, W) arrays as
+    one batch, softmax, top-5."""
+    logits = engine.logits(np.stack(arrays))
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    np.argsort(-probabilities, axis=1)[:, :5]
+
+
+def median_seconds(fn: Callable[[], object], seconds: float = 4.0, at_least: int = 3) -> float:
+    """Median wall time of `fn` over `seconds` of calls (at least `at_least`), after one untimed
+    call: how the in-process limit is timed."""
+    fn()
+    times: list[float] = []
+    budget = time.perf_counter() + seconds
+    while time.perf_counter() < budget or len(times) < at_least:
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def write_results(name: str, payload: dict[str, Any], table: str) -> Path:

@@ -34,16 +34,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import torch
 from PIL import Image
 
 from benchmarks.common import (
     RESULTS,
     Server,
+    forward,
     free_port,
     machine,
     markdown_table,
+    median_seconds,
     process_tree,
     write_results,
 )
@@ -137,10 +138,7 @@ def pipeline(classifier: Classifier, engine: Engine, body: bytes, size: int) -> 
         prepare_image(body, classifier.spec.input, DecodeLimits(40_000_000)).array
         for _ in range(size)
     ]
-    logits = engine.logits(np.stack(arrays))
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
-    np.argsort(-probabilities, axis=1)[:, :5]
+    forward(engine, arrays)
 
 
 def inprocess(model: Model, report: Report, sizes: tuple[int, ...] = (1, 8, 32)) -> None:
@@ -153,14 +151,7 @@ def inprocess(model: Model, report: Report, sizes: tuple[int, ...] = (1, 8, 32))
                                   classifier.spec.sha256, default_cache()), None)  # fmt: skip
     for engine in (classifier.torch_engine, onnx):
         for size in sizes:
-            pipeline(classifier, engine, model.body, size)  # warm
-            times: list[float] = []
-            budget = time.perf_counter() + 4.0
-            while time.perf_counter() < budget or len(times) < 3:
-                started = time.perf_counter()
-                pipeline(classifier, engine, model.body, size)
-                times.append(time.perf_counter() - started)
-            median = statistics.median(times)
+            median = median_seconds(partial(pipeline, classifier, engine, model.body, size))
             row = {"model": model.name, "engine": engine.name, "batch": size,
                    "batch_ms": median * 1000, "images_per_s": size / median,
                    "threads": torch.get_num_threads()}  # fmt: skip

@@ -72,6 +72,22 @@ def existing_file(text: str) -> Path:
     return path
 
 
+def existing_path(text: str) -> Path:
+    """An argparse type: a file or a folder that is there."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file or folder")
+    return path
+
+
+def output_folder(text: str) -> Path:
+    """An argparse type: a folder to write into (made when missing), not a file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; give a folder for the pictures")
+    return path
+
+
 def output_file(text: str) -> Path:
     """An argparse type: a file path whose folder exists."""
     path = Path(text)

@@ -1,4 +1,4 @@
-"""The `convserve` command: serve, train, import, describe, explain."""
+"""The `convserve` command: serve, train, import, describe, explain, predict."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from service import __version__
 from service.arguments import (
     DefaultsShown,
     existing_file,
+    existing_path,
     fraction,
     model_name,
     non_negative_int,
     output_file,
+    output_folder,
     parse_shape,
     positive_float,
     positive_int,
@@ -35,6 +37,11 @@ from service.config import (
 
 # What deciding a new version's engine reads, as the server would (train and import do it).
 PREPARE = ("store", "cache_dir", "device", "engine", "threads", "max_batch_size")
+# What classifying files in process reads: the server's loading, batching, decode limits, logs.
+PREDICT = (*PREPARE, "max_delay_ms", "max_queue", "deadline_ms", "max_body_bytes",
+           "max_pixels", "formats", "default_model", "warmup", "decode_threads",
+           "decode_memory_mb", "log_format", "log_level",
+           "cache_entries", "cache_mb")  # fmt: skip
 # The settings each command reads (None: all of them); its flags override the variables.
 APPLIES: dict[str, Collection[str] | None] = {
     "serve": None,
@@ -42,7 +49,18 @@ APPLIES: dict[str, Collection[str] | None] = {
     "import": PREPARE,
     "explain": ("store", "device", "default_model", "max_pixels", "formats"),
     "describe": (),
+    "predict": PREDICT,
 }
+PREDICT_EXIT = (
+    "Exit status: 0 when every file was classified; 1 when the run finished but some files "
+    "could not be (each has its row, the reason in its error column, and a line on stderr); "
+    "2 for a usage error (a bad value, a path, model or version that is not there); 3 when "
+    "the run could not be done (the model failed to load, the output could not be written). "
+    "The settings mean what they mean to the server, a file being one request of one image: "
+    "CONVSERVE_MAX_BODY_BYTES is the largest file read, CONVSERVE_DEADLINE_MS each file's "
+    "time, CONVSERVE_MAX_QUEUE caps the files in flight; where the server would answer a "
+    "problem, the file's row has its detail."
+)
 
 if TYPE_CHECKING:
     from service.errors import InputMismatchError
@@ -210,6 +228,60 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", type=output_file, required=True, metavar="PNG", help="file to write"
     )
     _settings_flags(explain, APPLIES["explain"])
+
+    about = (
+        "classify image files and folders in this process, through the server's decoding, "
+        "engine and batching; one row per file (CSV or JSON lines)"
+    )
+    predict = commands.add_parser(
+        "predict", help=about, description=about, epilog=PREDICT_EXIT,
+        formatter_class=DefaultsShown,
+    )  # fmt: skip
+    predict.add_argument(
+        "paths",
+        nargs="+",
+        type=existing_path,
+        metavar="PATH",
+        help="image files, and folders walked recursively in name order (hidden entries skipped)",
+    )
+    predict.add_argument(
+        "--model",
+        default=None,
+        type=model_name,
+        help="model name (default: CONVSERVE_DEFAULT_MODEL, else the first in the store)",
+    )
+    predict.add_argument(
+        "--version", type=positive_int, default=None, help="version (default: the highest)"
+    )
+    predict.add_argument(
+        "--top-k", type=positive_int, default=5, help="classes per file, clipped to the class count"
+    )
+    predict.add_argument(
+        "--heatmap",
+        choices=["gradcam", "activation"],
+        default=None,
+        help="also write each image's heatmap over it as a PNG into --out",
+    )
+    predict.add_argument(
+        "--out",
+        type=output_folder,
+        default=None,
+        metavar="DIR",
+        help="folder for the --heatmap pictures (made if missing): each file's path below the "
+        "folder all inputs share, plus .png",
+    )
+    predict.add_argument(
+        "--format",
+        choices=["csv", "jsonl"],
+        default=None,
+        help="rows as CSV or JSON lines (default: jsonl when -o ends in .jsonl or .ndjson, "
+        "else csv)",
+    )
+    predict.add_argument(
+        "-o", "--output", type=output_file, default=None, metavar="FILE",
+        help="write the rows to FILE (default: stdout)",
+    )  # fmt: skip
+    _settings_flags(predict, APPLIES["predict"])
     return parser
 
 
@@ -388,12 +460,58 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from service.errors import CommandError, ModelLoadError
+    from service.logs import logging_configured
+    from service.offline import Job, Run, find_inputs
+    from service.rows import Report
+
+    if args.heatmap is not None and args.out is None:
+        raise ValueError("--heatmap writes one picture per file: give --out DIR for them")
+    if args.out is not None and args.heatmap is None:
+        raise ValueError("--out DIR is where heatmaps go: give --heatmap gradcam|activation")
+    settings = args.settings
+    written = [path for path in (args.output, args.out) if path is not None]
+    inputs = find_inputs(args.paths, skip=written)  # a folder walked never reads the output
+    job = Job(args.model, args.version, args.top_k, args.heatmap, args.out)
+    try:
+        report = Report(args.output, args.format, args.top_k, heatmap=args.heatmap is not None)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+        try:
+            with (
+                logging_configured(settings.log_format, settings.log_level),
+                logging_redirect_tqdm([logging.getLogger("convserve")]),
+            ):
+                summary = asyncio.run(Run(settings, job).classify(inputs, report.open, report.done))
+        finally:
+            report.close()
+    except (CommandError, ModelLoadError, OSError, RuntimeError) as exc:
+        print(f"convserve predict: {exc}", file=sys.stderr)
+        return 3
+    rate = summary.files / summary.seconds if summary.seconds > 0 else 0.0
+    print(
+        f"convserve predict: {summary.files} files with {summary.model} v{summary.version} "
+        f"({summary.engine}, batches of up to {summary.batch_size}, largest {summary.largest}): "
+        f"{summary.files - summary.failed} classified, {summary.failed} failed, "
+        f"in {summary.seconds:.2f} s ({rate:.1f} files/s)",
+        file=sys.stderr,
+    )
+    return 1 if summary.failed else 0
+
+
 COMMANDS = {
     "serve": _serve,
     "train": _train,
     "import": _import,
     "describe": _describe,
     "explain": _explain,
+    "predict": _predict,
 }
 
 

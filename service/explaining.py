@@ -7,42 +7,11 @@ from pathlib import Path
 import torch
 
 from service.config import Settings
-from service.errors import (
-    ModelNotFoundError,
-    ServiceError,
-    UnreadableFileError,
-    VersionNotFoundError,
-)
+from service.errors import ServiceError, UnreadableFileError
 from service.imaging import DecodeLimits, configure_decoding, prepare_image
 from service.loading import resolve_device
 from service.overlay import overlay_png
 from service.store import ModelStore
-
-
-def resolve(store: ModelStore, model: str | None, version: int | None) -> tuple[str, int]:
-    """The model (default: the first name in the store) and version (default: the highest)
-    asked for, or an error that lists what the store holds."""
-    names = store.names()
-    if not names:
-        raise ModelNotFoundError(
-            f"the store {store.root} holds no models: give --store, or write one with "
-            "`convserve train` or `convserve import`"
-        )
-    name = model or names[0]
-    if name not in names:
-        raise ModelNotFoundError(
-            f"model {name!r} is not in the store {store.root}; models there: {', '.join(names)}"
-        )
-    versions = store.versions(name)
-    if not versions:
-        raise ModelNotFoundError(f"model {name!r} has no complete version in {store.root}")
-    if version is None:
-        return name, versions[-1]
-    if version not in versions:
-        raise VersionNotFoundError(
-            f"model {name!r} has no version {version}; versions: {', '.join(map(str, versions))}"
-        )
-    return name, version
 
 
 def explain_file(
@@ -61,7 +30,7 @@ def explain_file(
     if target is not None and method != "gradcam":
         raise ValueError(f"--target explains one class with gradcam; {method} maps take none")
     store = ModelStore(settings.store)
-    name, number = resolve(store, model or settings.default_model, version)
+    name, number = store.resolve(model or settings.default_model, version)
     classifier = store.load(name, number, resolve_device(settings.device))
     classes = len(classifier.labels)
     if target is not None and target >= classes:

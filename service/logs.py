@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+from collections.abc import Iterator
 from typing import Any, cast
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a request id a client may choose
@@ -77,6 +79,9 @@ class TextFormatter(logging.Formatter):
         return f"{self.formatTime(record, '%H:%M:%S')} {record.levelname} {record.name} {line}"
 
 
+LOGGERS = ("convserve", "uvicorn", "litestar")
+
+
 def configure_logging(log_format: str, level: str) -> None:
     handler = logging.StreamHandler()
     if log_format == "json":
@@ -85,8 +90,24 @@ def configure_logging(log_format: str, level: str) -> None:
         handler.setFormatter(
             TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", "%H:%M:%S")
         )
-    for name in ("convserve", "uvicorn", "litestar"):
+    for name in LOGGERS:
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level.upper())
         logger.propagate = False
+
+
+@contextlib.contextmanager
+def logging_configured(log_format: str, level: str) -> Iterator[None]:
+    """configure_logging for one command, then the loggers as they were: a command run inside
+    another program (the docs tests call the CLI's main) leaves its logging alone."""
+    loggers = [logging.getLogger(name) for name in LOGGERS]
+    saved = [(logger.handlers[:], logger.level, logger.propagate) for logger in loggers]
+    configure_logging(log_format, level)
+    try:
+        yield
+    finally:
+        for logger, (handlers, number, propagate) in zip(loggers, saved, strict=True):
+            logger.handlers[:] = handlers
+            logger.setLevel(number)
+            logger.propagate = propagate

@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from service import metrics
-from service.catalog import Catalog
+from service.catalog import Catalog, Deployment
 from service.config import Settings
 from service.loading import Loader, resolve_device
 from service.memory import trim_heap
@@ -49,6 +49,16 @@ class Runtime:
         self._loading = loop.create_task(self._load())
         if self.device.startswith("cuda"):
             self._gauges = loop.create_task(self._device_memory())
+
+    async def load_version(self, name: str, version: int) -> Deployment:
+        """Load this one version and nothing else (`convserve predict`: no store scan, no
+        watcher); the catalog then routes to it alone. ModelLoadError (or a ServiceError) when
+        it is refused, logged as the server logs it."""
+        self.catalog.configure([name])
+        try:
+            return await self.loader.load(name, version)
+        finally:
+            self.catalog.mark_started()
 
     async def loaded(self) -> None:
         """Wait until start-up loading has finished (ready, or every failure recorded)."""

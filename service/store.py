@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from service.errors import ModelLoadError, VersionNotFoundError
+from service.errors import ModelLoadError, ModelNotFoundError, VersionNotFoundError
 from service.spec import (
     SPEC_FILE,
     InputSpec,
@@ -50,6 +50,32 @@ class ModelStore:
         if version not in self.versions(name):
             raise VersionNotFoundError(f"model {name} has no version {version} in the store")
         return self.root / name / str(version)
+
+    def resolve(self, model: str | None, version: int | None) -> tuple[str, int]:
+        """The model (default: the first name in the store) and version (default: the highest)
+        a command asks for, or an error that lists what the store holds."""
+        names = self.names()
+        if not names:
+            raise ModelNotFoundError(
+                f"the store {self.root} holds no models: give --store, or write one with "
+                "`convserve train` or `convserve import`"
+            )
+        name = model or names[0]
+        if name not in names:
+            raise ModelNotFoundError(
+                f"model {name!r} is not in the store {self.root}; models there: {', '.join(names)}"
+            )
+        versions = self.versions(name)
+        if not versions:
+            raise ModelNotFoundError(f"model {name!r} has no complete version in {self.root}")
+        if version is None:
+            return name, versions[-1]
+        if version not in versions:
+            raise VersionNotFoundError(
+                f"model {name!r} has no version {version}; versions: "
+                f"{', '.join(map(str, versions))}"
+            )
+        return name, version
 
     def load(
         self, name: str, version: int, device: str | torch.device, threads: int | None = None

@@ -59,6 +59,19 @@ def held_out_digits(count: int, seed: int = 0) -> list[Digit]:
     return digits
 
 
+def run_cli(*args: str | Path, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m service ARGS` from this checkout, as a user's shell would run it (`env` on
+    top of this process's environment); never a traceback."""
+    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    environ = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(paths)}
+    result = subprocess.run(
+        [sys.executable, "-m", "service", *map(str, args)],
+        cwd=cwd, env=environ, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -5,11 +5,8 @@ Exit 2 is a usage error (a value given is wrong), exit 1 failed work; never a tr
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,23 +17,11 @@ from safetensors.torch import load_file
 
 from service.cli import build_parser
 from service.registry import build_model
-from tests.support import BUNDLED_STORE, ROOT
+from tests.support import BUNDLED_STORE, ROOT, run_cli
 
-COMMANDS = ("train", "import", "describe", "explain")
+COMMANDS = ("train", "import", "describe", "explain", "predict")
 DOCUMENTED = re.compile(r"convserve (train|import|describe|explain)((?: +[^\s`#]+)*)")
 DIGIT = ROOT / "docs" / "examples" / "digit-4.jpg"
-
-
-def run(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """`python -m service ARGS` from this checkout, as a user's shell would run it."""
-    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-    result = subprocess.run(
-        [sys.executable, "-m", "service", *map(str, args)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
 
 
 def documented_commands() -> list[str]:
@@ -116,7 +101,7 @@ def test_documented_command_runs(command: str, workdir: Path) -> None:
         "describe": [],
     }
     extra = extras[args[0]]
-    result = run(*args, *extra, cwd=workdir)
+    result = run_cli(*args, *extra, cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert EXPECTED[command] in result.stdout
     if args[0] in ("train", "import"):
@@ -136,7 +121,7 @@ def _subparser(name: str) -> argparse.ArgumentParser:
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_explains_every_flag_and_shows_every_default(command: str, tmp_path: Path) -> None:
-    folded = " ".join(run(command, "--help", cwd=tmp_path).stdout.split())  # unwrapped
+    folded = " ".join(run_cli(command, "--help", cwd=tmp_path).stdout.split())  # unwrapped
     for action in _subparser(command)._actions:
         assert action.help, f"{command} {action.option_strings or action.dest} has no help"
         if action.default not in (None, False, argparse.SUPPRESS):
@@ -190,7 +175,7 @@ def test_help_explains_every_flag_and_shows_every_default(command: str, tmp_path
 )
 def test_usage_errors_stop_at_parsing(args: list[str | Path], message: str, tmp_path: Path) -> None:
     """Wrong values are refused by the parser, argparse-style, before torch is even imported."""
-    result = run(*args, cwd=tmp_path)
+    result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr
     assert f"usage: convserve {args[0]}" in result.stderr
@@ -277,7 +262,7 @@ def test_wrong_commands_say_why(
     and the message says what to do; nothing is written to the store."""
     if args[0] in ("train", "import") and "--store" not in args:
         args = [*args, "--store", "store"]
-    result = run(*args, cwd=scene)
+    result = run_cli(*args, cwd=scene)
     assert result.returncode == code, result.stderr
     assert message in " ".join(result.stderr.split()), result.stderr
     assert not (scene / "store").exists()

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any, Literal
 
-import numpy as np
 from litestar import Request, Response, post
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, QueryParameter
@@ -18,7 +17,7 @@ from service.api.access import annotate, annotate_answer
 from service.api.dependencies import RequestsDep
 from service.api.hangup import unless_hung_up
 from service.api.openapi import ImageUploadOperation, problems
-from service.api.schemas import Heatmap, ModelRef, Prediction, PredictResponse, Result
+from service.api.schemas import Heatmap, ModelRef, PredictResponse, Result, top_predictions
 from service.api.uploads import Upload, kept_header, read_images
 from service.errors import InvalidParameterError, NotAcceptableError
 from service.inference import Answer, Classified, Explain, Requests, Route
@@ -58,13 +57,6 @@ TargetQuery = Annotated[
     int | None,
     QueryParameter(ge=0, description="class index Grad-CAM explains (default: top class)"),
 ]
-
-
-def top_predictions(probabilities: np.ndarray, labels: list[str], top_k: int) -> list[Prediction]:
-    """The k most likely classes, sorted by probability (ties by class index)."""
-    k = min(top_k, len(labels))
-    order = np.argsort(-probabilities, kind="stable")[:k]
-    return [Prediction(labels[i], int(i), float(probabilities[i])) for i in order]
 
 
 def _heatmap(method: str, answer: Answer, overlay: bytes | None) -> Heatmap:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from service.problems import Problem as Problem  # the routes' OpenAPI documents it
 
@@ -13,6 +14,14 @@ class Prediction(msgspec.Struct):
     label: str
     class_index: int
     probability: float
+
+
+def top_predictions(probabilities: np.ndarray, labels: list[str], top_k: int) -> list[Prediction]:
+    """The k most likely classes, sorted by probability (ties by class index): what /predict
+    answers and what `convserve predict` writes."""
+    k = min(top_k, len(labels))
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [Prediction(labels[i], int(i), float(probabilities[i])) for i in order]
 
 
 class Heatmap(msgspec.Struct):

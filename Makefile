@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CRDS := tests/crds/node_modules/.installed
+# KServe's gRPC client, in a venv of its own: its dependencies clash with the project's pins
+KSERVE := tests/kserve/.venv/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # the decode path's memory bound under fuzzing (tests/test_fuzz.py uses the same)
 FUZZ_RSS_MB := 1024
@@ -27,12 +29,17 @@ $(CRDS): tests/crds/package-lock.json
 	npm ci --prefix tests/crds --no-audit --no-fund --loglevel=error
 	touch $(CRDS)
 
+$(KSERVE): tests/kserve/requirements.txt
+	test -x tests/kserve/.venv/bin/python || $(PYTHON) -m venv tests/kserve/.venv
+	tests/kserve/.venv/bin/python -m pip install --quiet -r tests/kserve/requirements.txt
+	touch $(KSERVE)
+
 venv: $(STAMP) ## create .venv/ and install convserve with its dev tools
 
 serve: $(STAMP) ## serve the bundled models on http://127.0.0.1:8000
 	$(BIN)/convserve serve
 
-test: $(STAMP) $(CRDS) lint typecheck ## lint, typecheck and run the whole test suite
+test: $(STAMP) $(CRDS) $(KSERVE) lint typecheck ## lint, typecheck and run the whole test suite
 	$(BIN)/python -m pytest
 
 lint: $(STAMP) ## ruff lint + format check

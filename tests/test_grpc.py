@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -36,6 +37,7 @@ from service.imaging import DecodeLimits, prepare_image
 from service.spec import read_spec
 from tests.support import (
     BUNDLED_STORE,
+    ROOT,
     ServerProcess,
     child_pids,
     free_port,
@@ -137,6 +139,39 @@ def test_bytes_images_answer_as_rest_does(
     (output,) = rest["outputs"]
     expected = np.array(output["data"], dtype=np.float32).reshape(output["shape"])
     np.testing.assert_allclose(probabilities, expected, rtol=1e-6, atol=1e-7)
+
+
+KSERVE = ROOT / "tests" / "kserve"
+
+
+def test_kserves_grpc_client(server: ServerProcess, tmp_path: Path) -> None:
+    """KServe's InferenceGRPCClient, run from its own venv (make test builds it)."""
+    python = KSERVE / ".venv" / "bin" / "python"
+    assert python.is_file(), "KServe's client venv is missing: run `make test` (it builds it)"
+    digit = held_out_digits(1, seed=31)[0]
+    image = tmp_path / "digit.png"
+    image.write_bytes(png_bytes(digit.image))
+    done = subprocess.run(
+        [str(python), str(KSERVE / "client.py"), server.grpc, str(image)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (seen["live"], seen["ready"], seen["model_ready"]) == (True, True, True)
+    output = seen["output"]
+    assert (output["name"], output["shape"], output["datatype"]) == (
+        "probabilities",
+        [1, 10],
+        "FP32",
+    )
+    rest = httpx.post(f"{server.url}/predict?top_k=1", content=image.read_bytes(),
+                      headers={"content-type": "image/png"}).json()  # fmt: skip
+    assert (
+        max(range(10), key=output["data"].__getitem__)
+        == rest["results"][0]["predictions"][0]["class_index"]
+    )
+    assert sum(output["data"]) == pytest.approx(1.0, abs=1e-5)
+    assert seen["unknown_model"]["code"] == "NOT_FOUND"
+    assert "no-such-model" in seen["unknown_model"]["details"]
 
 
 def test_fp32_tensor_and_classification(client: tgrpc.InferenceServerClient) -> None:

@@ -3,10 +3,11 @@
     .venv/bin/python -m benchmarks.offline [--files 480] [--rounds 5]
 
 resnet18 (random init, `convserve import`, which records the engine for this machine):
-  1. the in-process limit: the engine the command serves on, forward + softmax + top-5 over
-     pre-decoded arrays at the batch size the command's batcher forms (32): the cores doing
-     nothing but the model. The same forward at batch 32 plus one image's decode + preprocess
-     per image, in line, is also reported: the driver's in-process limit (benchmarks.driver);
+  1. the in-process limit as benchmarks.driver defines it for every target: decode +
+     preprocess each image in line, then the engine the command serves on, forward + softmax +
+     top-5 at the batch size the command's batcher forms (32), no HTTP. A stricter bound is
+     also reported: the same forward over pre-decoded arrays, the cores doing nothing but the
+     model;
   2. `convserve predict FOLDER` in its own process over N distinct 500x375 JPEGs (scikit-image
      photos, each cropped, flipped and tinted its own way), timed by its own summary line
      (first file taken to last row written: the pipeline) and as a whole (wall time with
@@ -152,27 +153,32 @@ def run_command(folder: Path, count: int, workdir: Path) -> dict[str, Any]:
 
 def report(rounds: list[dict[str, Any]], files: int, engine: str) -> tuple[str, dict[str, Any]]:
     """The table, and the verdict on the median of each round's own ratio (a command run and
-    the limit measured just before it: the machine's speed drifts between rounds)."""
+    the limits measured just before it: the machine's speed drifts between rounds). The target
+    is 0.9x the in-process limit as benchmarks.driver defines it for every other target
+    (decode + preprocess + forward + top-k, no HTTP); the forward-only bound is also given."""
     for r in rounds:
-        r["ratio"] = r["pipeline_images_per_s"] / r["forward_images_per_s"]
+        r["ratio"] = r["pipeline_images_per_s"] / r["inline_images_per_s"]
+        r["ratio_forward"] = r["pipeline_images_per_s"] / r["forward_images_per_s"]
 
     def median(key: str) -> float:
         return float(statistics.median(r[key] for r in rounds))
 
-    ratio = median("ratio")
-    columns = ["forward_images_per_s", "inline_images_per_s", "ceiling_images_per_s",
+    ratio, forward_ratio = median("ratio"), median("ratio_forward")
+    columns = ["inline_images_per_s", "forward_images_per_s", "ceiling_images_per_s",
                "pipeline_images_per_s", "wall_images_per_s"]  # fmt: skip
     rows = [
-        [str(i + 1), *(f"{r[key]:.1f}" for key in columns), f"{r['ratio']:.2f}x"]
+        [str(i + 1), *(f"{r[key]:.1f}" for key in columns), f"{r['ratio']:.2f}x",
+         f"{r['ratio_forward']:.2f}x"]
         for i, r in enumerate(rounds)
-    ]
-    rows.append(["median", *(f"{median(key):.1f}" for key in columns), f"{ratio:.2f}x"])
-    header = ["round", "limit: forward only", "limit: decode in line", "CPU-bound ceiling",
-              "predict: pipeline", "predict: whole command", "pipeline / forward only"]  # fmt: skip
+    ]  # fmt: skip
+    rows.append(["median", *(f"{median(key):.1f}" for key in columns), f"{ratio:.2f}x",
+                 f"{forward_ratio:.2f}x"])  # fmt: skip
+    header = ["round", "in-process limit (decode + forward)", "forward only",
+              "CPU-bound ceiling", "predict: pipeline", "predict: whole command",
+              "pipeline / in-process limit", "pipeline / forward only"]  # fmt: skip
     verdict = ratio >= 0.9
     lowest, highest = min(r["ratio"] for r in rounds), max(r["ratio"] for r in rounds)
-    pipeline = median("pipeline_images_per_s")
-    inline, ceiling = median("inline_images_per_s"), median("ceiling_images_per_s")
+    pipeline, ceiling = median("pipeline_images_per_s"), median("ceiling_images_per_s")
     text = "\n".join([
         f"resnet18 on {engine}, batch {rounds[0]['batch']}, {files} JPEGs of 500x375, "
         f"{len(os.sched_getaffinity(0))} cores; decode + preprocess "
@@ -181,15 +187,16 @@ def report(rounds: list[dict[str, Any]], files: int, engine: str) -> tuple[str, 
         "",
         markdown_table(header, rows),
         "",
-        f"`convserve predict`: {ratio:.2f}x the forward-only limit (median of the rounds; "
-        f"{lowest:.2f}x to {highest:.2f}x), {pipeline / inline:.2f}x the decode-in-line limit, "
-        f"{pipeline / ceiling:.2f}x the CPU-bound ceiling. >= 0.9x the forward-only limit: "
+        f"`convserve predict`: {ratio:.2f}x the in-process limit (median of the rounds; "
+        f"{lowest:.2f}x to {highest:.2f}x), {forward_ratio:.2f}x the forward-only bound, "
+        f"{pipeline / ceiling:.2f}x the CPU-bound ceiling. >= 0.9x the in-process limit: "
         f"{'met' if verdict else 'NOT met'}.",
     ])  # fmt: skip
     payload = {
         "model": "resnet18", "engine": engine, "files": files, "rounds": rounds,
         "median": {key: median(key) for key in [*columns, "decode_ms", "forward_cores"]},
-        "ratio_pipeline_to_forward": ratio, "met": verdict,
+        "ratio_pipeline_to_inprocess": ratio, "ratio_pipeline_to_forward": forward_ratio,
+        "met": verdict,
     }  # fmt: skip
     return text, payload
 

@@ -52,6 +52,19 @@ positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a number
 fraction = _checked(float, lambda v: 0 < v < 1, "a fraction between 0 and 1")
 
 
+def float_list(text: str) -> list[float]:
+    """'0.485,0.456,0.406' -> three floats: one per channel."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas, one per channel, got {text!r}"
+        ) from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} holds a value that is not a finite number")
+    return values
+
+
 def model_name(text: str) -> str:
     """An argparse type: a name the store takes, checked before any work is done for it."""
     if not NAME_PATTERN.fullmatch(text):

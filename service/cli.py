@@ -15,6 +15,7 @@ from service.arguments import (
     DefaultsShown,
     existing_file,
     existing_path,
+    float_list,
     fraction,
     model_name,
     non_negative_int,
@@ -159,15 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _settings_flags(train, APPLIES["train"])
 
-    about = "write a store version of an architecture: random init or local weights"
+    about = (
+        "write a store version: an architecture (random init or local weights), or a model file "
+        "(.onnx, TorchScript .pt, torch.export .pt2)"
+    )
     imp = commands.add_parser(
         "import", help=about, description=about, formatter_class=DefaultsShown
     )
-    imp.add_argument("arch", help="architecture, e.g. resnet18 or small_cnn (see describe --list)")
     imp.add_argument(
-        "--name", default=None, type=model_name, help="model name in the store (default: arch)"
+        "arch",
+        metavar="ARCH|FILE",
+        help="architecture, e.g. resnet18 or small_cnn (see describe --list), or a model file",
     )
-    source = imp.add_mutually_exclusive_group(required=True)
+    imp.add_argument(
+        "--name", default=None, type=model_name,
+        help="model name in the store (default: the architecture or the file's name)",
+    )  # fmt: skip
+    source = imp.add_mutually_exclusive_group()
     source.add_argument(
         "--random-init", action="store_true", help="seeded random weights (benchmarks)"
     )
@@ -182,6 +191,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imp.add_argument("--input", type=parse_shape, default=None, metavar="CxHxW", help=SHAPE_HELP)
     imp.add_argument("--classes", type=positive_int, default=None, metavar="N", help=CLASSES_HELP)
+    files = imp.add_argument_group(
+        "model files", "for a FILE; the defaults for 3x224x224 are torchvision's ImageNet "
+        "preprocessing, elsewhere the picture stretched and scaled to 0..1"
+    )  # fmt: skip
+    files.add_argument(
+        "--labels", type=existing_file, metavar="FILE",
+        help="class labels: one per line, a JSON list or a JSON object from index to label "
+        "(default: class 0, class 1, ...)",
+    )  # fmt: skip
+    files.add_argument("--mean", type=float_list, metavar="M,M,M", help="per-channel mean")
+    files.add_argument("--std", type=float_list, metavar="S,S,S", help="per-channel std")
+    files.add_argument(
+        "--resize", metavar="stretch|center_crop:SIZE",
+        help="stretch to the input size, or resize the short side to SIZE and crop the centre",
+    )  # fmt: skip
+    files.add_argument("--channel-order", choices=("RGB", "BGR", "L"), help="what the model reads")
+    files.add_argument(
+        "--layout", choices=("NCHW", "NHWC"), help="the model's input layout (default: detected)"
+    )
     _settings_flags(imp, APPLIES["import"])
 
     about = "print the per-layer table of an architecture, sized as import would build it"
@@ -389,10 +417,16 @@ def _train(args: argparse.Namespace) -> int:
 
 def _import(args: argparse.Namespace) -> int:
     from service.errors import InputMismatchError
+    from service.import_file import file_format
     from service.importing import import_architecture
     from service.spec import check_name
     from service.store import ModelStore
 
+    path = Path(args.arch)
+    if file_format(path) is not None or path.is_file():
+        return _import_file(args, path)
+    if not (args.random_init or args.weights):
+        raise ValueError(f"{args.arch}: an architecture needs --random-init or --weights FILE")
     name = check_name(args.name or args.arch)
     _check_writable(args.store)
     try:
@@ -403,6 +437,29 @@ def _import(args: argparse.Namespace) -> int:
     except InputMismatchError as exc:
         raise ValueError(_with_input(exc)) from None
     print(f"wrote {args.store / name / str(version)}")
+    _prepare(args.settings, name, version)
+    return 0
+
+
+def _import_file(args: argparse.Namespace, path: Path) -> int:
+    from service.import_file import FileOptions, import_file
+    from service.spec import check_name
+    from service.store import ModelStore
+
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    if args.random_init or args.weights or args.classes:
+        raise ValueError("--random-init, --weights and --classes are for architectures, not files")
+    name = check_name(args.name or path.stem)
+    _check_writable(args.store)
+    options = FileOptions(
+        labels=args.labels, input_shape=args.input, mean=args.mean, std=args.std,
+        resize=args.resize, channel_order=args.channel_order, layout=args.layout,
+    )  # fmt: skip
+    version, notes = import_file(ModelStore(args.store), path, name, options)
+    print(f"wrote {args.store / name / str(version)}")
+    for note in notes:
+        print(f"note: {note}")
     _prepare(args.settings, name, version)
     return 0
 

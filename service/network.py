@@ -28,12 +28,13 @@ from service.convolution import layer_maps_json
 from service.decisions import Card, card_facts, remember_card
 from service.engines import Engine, OnnxEngine
 from service.errors import ArchitectureError, ModelLoadError
+from service.graphs import GRAPH_ARCHITECTURE, Looped, applies_softmax, build_graph
 from service.heatmaps import activation_map, grad_cam, heatmap_layers
 from service.prepared import compared_at, policy
 from service.registry import build_model
 from service.spec import SPEC_FILE, ModelSpec, check_name, encode_spec, sha256_file
 from service.store import WEIGHTS_FILE, ModelStore, read_checked
-from service.torch_engine import TorchEngine, select_engine, write_onnx
+from service.torch_engine import TorchEngine, select_engine, store_graph, write_onnx
 
 log = logging.getLogger("convserve.store")
 
@@ -61,6 +62,16 @@ class Network:
         targets: list[int | None],
     ) -> Explanation:
         """Probabilities plus one heatmap per image, from one batched forward pass."""
+        if isinstance(self.module, Looped) and len(arrays) > 1:  # its layers run once per image
+            parts = [
+                self.explain([a], method, point, [t]) for a, t in zip(arrays, targets, strict=True)
+            ]
+            return Explanation(
+                np.concatenate([p.probabilities for p in parts]),
+                np.concatenate([p.grids for p in parts]),
+                [c for p in parts for c in p.targets],
+                point,
+            )
         batch = self.to_batch(arrays)
         if method == "gradcam":
             logits, maps, chosen = grad_cam(self.module, batch, point, targets)
@@ -132,6 +143,8 @@ def _dry_run(module: nn.Module, spec: ModelSpec, device: torch.device) -> None:
         )
     if not torch.isfinite(logits).all():
         raise ValueError("dry run produced NaN or infinite outputs")
+    if spec.architecture == GRAPH_ARCHITECTURE and applies_softmax(spec.arguments):
+        return  # recorded at import: its log-probabilities are softmaxed back to themselves
     ones = torch.ones(2, device=logits.device)
     if (logits >= 0).all() and torch.allclose(logits.sum(dim=1), ones, atol=1e-4):
         raise ValueError(
@@ -142,8 +155,11 @@ def _dry_run(module: nn.Module, spec: ModelSpec, device: torch.device) -> None:
         raise ValueError("outputs are log-probabilities (log_softmax); store raw logits")
 
 
-def write_version(store: ModelStore, name: str, module: nn.Module, spec: ModelSpec) -> int:
-    """Write the next version atomically: files go in a hidden folder that is renamed last."""
+def write_version(
+    store: ModelStore, name: str, module: nn.Module, spec: ModelSpec, graph: bytes | None = None
+) -> int:
+    """Write the next version atomically: files go in a hidden folder that is renamed last.
+    `graph`: an imported file's normalized ONNX graph, stored as the version's model.onnx."""
     folder = store.root / check_name(name)
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
@@ -153,10 +169,13 @@ def write_version(store: ModelStore, name: str, module: nn.Module, spec: ModelSp
         save_file(state, str(weights))
         spec = msgspec.structs.replace(spec, sha256=sha256_file(weights))
         shape = (spec.input.channels, spec.input.height, spec.input.width)
-        try:  # the ONNX Runtime engine's file, exported now so loading need not
-            write_onnx(module, shape, staging, spec.sha256)
-        except Exception as exc:  # the torch engine serves without it
-            log.warning("no ONNX export for %s: %s", name, exc)
+        if graph is not None:
+            store_graph(graph, staging, spec.sha256)
+        else:
+            try:  # the ONNX Runtime engine's file, exported now so loading need not
+                write_onnx(module, shape, staging, spec.sha256)
+            except Exception as exc:  # the torch engine serves without it
+                log.warning("no ONNX export for %s: %s", name, exc)
         (staging / SPEC_FILE).write_bytes(encode_spec(spec))  # last: marks it complete
         for path in staging.iterdir():
             path.chmod(0o644)
@@ -172,7 +191,10 @@ def write_version(store: ModelStore, name: str, module: nn.Module, spec: ModelSp
 def load_module(folder: Path, spec: ModelSpec, device: torch.device) -> nn.Module:
     """Build the architecture, load and check its weights, and dry-run it on `device`."""
     weights = folder / WEIGHTS_FILE
-    module = build_model(spec.architecture, spec.arguments)
+    if spec.architecture == GRAPH_ARCHITECTURE:
+        module = build_graph(folder, spec.arguments)
+    else:
+        module = build_model(spec.architecture, spec.arguments)
     try:
         state = load_file(str(weights), device="cpu")
     except Exception as exc:

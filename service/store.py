@@ -85,11 +85,13 @@ class ModelStore:
 
         return load_classifier(self.path(name, version), name, version, str(device), threads)
 
-    def write(self, name: str, module: nn.Module, spec: ModelSpec) -> int:
+    def write(
+        self, name: str, module: nn.Module, spec: ModelSpec, graph: bytes | None = None
+    ) -> int:
         """Write the next version (service.network.write_version)."""
         from service.network import write_version  # torch: only where versions are written
 
-        return write_version(self, name, module, spec)
+        return write_version(self, name, module, spec, graph)
 
 
 def _check_input(spec: InputSpec) -> list[str]:

@@ -83,6 +83,15 @@ def write_onnx(
     return path
 
 
+def store_graph(graph: bytes, folder: Path, weights_sha: str) -> Path:
+    """An imported file's normalized graph as `folder`'s ONNX file, with its sidecar."""
+    path = folder / ONNX_FILE
+    path.write_bytes(graph)
+    meta = OnnxMeta(sha256_file(path), weights_sha, OPSET, "convserve import: normalized graph")
+    (folder / ONNX_META).write_bytes(msgspec.json.encode(meta))
+    return path
+
+
 def ensure_onnx(module: nn.Module, input_shape: tuple[int, int, int], version_folder: Path,
                 weights_sha: str, cache: Path) -> Path:  # fmt: skip
     """The version's ONNX file: the stored one when it matches, else the cached one, else a

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,9 @@ from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
+import torch
 from PIL import Image, PngImagePlugin
+from torch import nn
 
 from service.training import load_mnist_sample, split
 
@@ -255,3 +259,43 @@ def exchange(url: str, raw: bytes, timeout: float = 10.0) -> bytes:
                 break
             received += chunk
     return received
+
+
+class TinyCNN(nn.Module):
+    """A small CNN for the model files the import commands name; `channels_last`: NHWC."""
+
+    def __init__(self, channels_last: bool = False) -> None:
+        super().__init__()
+        self.channels_last = channels_last
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.permute(0, 3, 1, 2)
+        features = torch.relu(self.conv(x)).mean(dim=(2, 3))
+        logits: torch.Tensor = self.head(features)
+        return logits
+
+
+def model_files(root: Path) -> None:
+    """model.onnx (batch fixed at 1), model.pt (TorchScript), model.pt2 (torch.export),
+    keras.onnx (NHWC), with labels.txt and labels.json."""
+    torch.manual_seed(0)
+    tiny, image = TinyCNN().eval(), torch.randn(1, 3, 32, 32)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation
+        program = torch.onnx.export(tiny, (image,), dynamo=True, input_names=["input"])
+        assert program is not None
+        program.save(str(root / "model.onnx"), external_data=False)
+        torch.jit.trace(tiny, image).save(str(root / "model.pt"))  # type: ignore[no-untyped-call]
+        torch.export.save(torch.export.export(tiny, (image,)), str(root / "model.pt2"))
+        nhwc = TinyCNN(channels_last=True).eval()
+        program = torch.onnx.export(
+            nhwc, (image.permute(0, 2, 3, 1),), dynamo=True, input_names=["input"]
+        )
+        assert program is not None
+        program.save(str(root / "keras.onnx"), external_data=False)
+    labels = [f"kind {index}" for index in range(10)]
+    (root / "labels.txt").write_text("\n".join(labels))
+    (root / "labels.json").write_text(json.dumps(labels))

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from service.cli import build_parser
 from service.registry import build_model
-from tests.support import BUNDLED_STORE, ROOT, run_cli
+from tests.support import BUNDLED_STORE, ROOT, model_files, run_cli
 
 COMMANDS = ("train", "import", "describe", "explain", "predict")
 DOCUMENTED = re.compile(r"convserve (train|import|describe|explain)((?: +[^\s`#]+)*)")
@@ -62,6 +62,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.save(lenet, root / "lenet.pth")
     (root / "docs" / "examples").mkdir(parents=True)
     shutil.copy(DIGIT, root / "docs" / "examples")
+    model_files(root)
     return root
 
 
@@ -80,6 +81,12 @@ EXPECTED = {
     "convserve import small_cnn --random-init --input 3x32x32 --classes 10": "wrote",
     "convserve import small_cnn --random-init --input 3x32x32": "wrote",
     "convserve import lenet5 --weights lenet.pth --input 1x28x28 --classes 10": "wrote",
+    "convserve import model.onnx --name mobilenet --labels labels.txt": "rewritten to dynamic",
+    "convserve import model.pt --name scripted --labels labels.json": "wrote",
+    "convserve import model.pt2 --name exported --labels labels.txt": "wrote",
+    "convserve import keras.onnx --name keras --layout NHWC --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5": (
+        "takes NHWC images"
+    ),
     "convserve describe small_cnn --input 3x32x32 --classes 10": "total parameters: 545,098",
     "convserve describe --list": "resnet18",
     "convserve explain docs/examples/digit-4.jpg --model digits --layer conv1 -o out.png": (
@@ -160,7 +167,6 @@ def test_help_explains_every_flag_and_shows_every_default(command: str, tmp_path
             ["import", "resnet18", "--weights", "missing.pth"],
             "--weights: missing.pth: no such file",
         ),
-        (["import", "resnet18"], "one of the arguments --random-init --weights is required"),
         (
             ["import", "resnet18", "--random-init", "--classes", "0"],
             "--classes: expected a positive",
@@ -234,6 +240,7 @@ def scene(workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["import", "lenet5", "--weights", "lenet.pth", "--input", "1x28x28", "--classes", "5"], 2,
          "size mismatch for fc3.weight"),
         (["import", "resnet9000", "--random-init"], 2, "unknown architecture 'resnet9000'"),
+        (["import", "resnet18"], 2, "resnet18: an architecture needs --random-init or --weights"),
         (["describe", "alexnet", "--input", "3x32x32"], 2,
          "alexnet cannot take 3x32x32: Given input size: (256x1x1)"),
         (["describe", "resnet9000"], 2, "unknown architecture 'resnet9000'; valid: alexnet"),

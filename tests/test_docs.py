@@ -32,7 +32,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from tests.support import BUNDLED_STORE, ROOT, ServerProcess, running_server
+from tests.support import BUNDLED_STORE, ROOT, ServerProcess, model_files, running_server
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 KEY = "docs-key"
@@ -202,6 +202,7 @@ def _reader_files(home: Path) -> None:
             (draw.ellipse if index == 0 else draw.rectangle)(box, fill=(250, 250, 250))
             picture.save(folder / f"{number}.png")
     (home / "DIR").symlink_to(home / "shapes")  # README's placeholder for an ImageFolder
+    model_files(home)  # model.onnx, model.pt, model.pt2, keras.onnx and their labels
 
 
 @pytest.fixture(scope="module")

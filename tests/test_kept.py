@@ -80,9 +80,13 @@ def test_every_worker_finds_a_kept_image(tmp_path: Path) -> None:
         kept = httpx.post(f"{server.url}/predict?keep=true", content=body, headers=PNG)
         assert kept.status_code == 200, kept.text
         image = kept.headers["image-id"]
-        sent = httpx.post(f"{server.url}/predict?heatmap=activation", content=body, headers=PNG)
+        # the first heatmap builds the torch network in the model process: seconds on a
+        # loaded machine, more than httpx's default 5 s timeout
+        sent = httpx.post(
+            f"{server.url}/predict?heatmap=activation", content=body, headers=PNG, timeout=60
+        )
         for _ in range(12):  # a fresh connection each time: the kernel spreads them
-            named = httpx.post(f"{server.url}/predict?image={image}&heatmap=activation")
+            named = httpx.post(f"{server.url}/predict?image={image}&heatmap=activation", timeout=60)
             assert named.status_code == 200, named.text
             assert named.json() == sent.json()
         log = server.output()

@@ -14,6 +14,7 @@ raw logits or log-probabilities (service.graphs serves it). Each check refuses w
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import io
@@ -38,12 +39,14 @@ from service.graphs import GRAPH_ARCHITECTURE, ONNX2TORCH_OPSET, Looped, convert
 from service.heatmaps import heatmap_layers
 from service.registry import Shape
 from service.spec import InputSpec, ModelSpec, TrainingMetrics, now_iso, sha256_file
-from service.store import IMAGENET_MEAN, ModelStore
+from service.store import IMAGENET_MEAN, ModelStore, check_input
 
 FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".pt2": "torch_export"}
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SHAPE: Shape = (3, 224, 224)
+MAX_SIDE = 4096  # a larger input is a mistake or a trap: every request would allocate it
 BATCH = "N"
+SCOPE = "convserve.name"  # node metadata: its name before the optimizer ran
 
 
 @dataclass(frozen=True)
@@ -180,13 +183,19 @@ def load_graph(path: Path, options: FileOptions) -> Any:
             f"{path.name}: convserve imports .onnx, TorchScript (.pt, .ts) and torch.export "
             "(.pt2) files; for a state dict use `convserve import ARCH --weights FILE`"
         )
+    _name_layers(model.graph)  # before conversion and optimizing: they drop torch's metadata
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset > ONNX2TORCH_OPSET:
         with contextlib.suppress(Exception):  # kept as it is when it does not convert down
             model = version_converter.convert_version(model, ONNX2TORCH_OPSET)
             _drop_default_noop(model.graph)
+    for node in model.graph.node:  # the optimizer renames nodes, but keeps their metadata
+        entry = node.metadata_props.add()
+        entry.key, entry.value = SCOPE, node.name
     with contextlib.suppress(Exception):  # folds constants and the exporters' Identity nodes
         model = onnxscript.optimizer.optimize(model)
+    for node in model.graph.node:
+        node.name = {e.key: e.value for e in node.metadata_props}.get(SCOPE, node.name)
     return model
 
 
@@ -198,6 +207,40 @@ def _drop_default_noop(graph: Any) -> None:
             for attribute in list(node.attribute):
                 if attribute.name == "noop_with_empty_axes" and attribute.i == 0:
                     node.attribute.remove(attribute)
+
+
+def _scope(node: Any) -> str:
+    """The module a node came from, by TorchScript's node names or torch.export's name scopes
+    (a convolution its batch norm was folded into is named by its block); "" when unknown."""
+    if node.name.startswith("/"):  # TorchScript's exporter: /features/0/0/Conv
+        return ".".join(node.name.strip("/").split("/")[:-1])
+    props = {entry.key: entry.value for entry in node.metadata_props}
+    try:
+        scopes = ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))[1:-1]
+        classes = ast.literal_eval(props.get("pkg.torch.onnx.class_hierarchy", "[]"))[1:-1]
+    except (ValueError, SyntaxError):
+        return ""
+    if node.op_type == "Conv":
+        convs = [s for s, c in zip(scopes, classes, strict=False) if "conv" in c.lower()]
+        scopes = convs or scopes
+    return str(scopes[-1]) if scopes else ""
+
+
+def _name_layers(graph: Any) -> None:
+    """Name nodes after the modules they came from, so heatmap layers and the card read
+    features_0 rather than node_Conv_506 (onnx2torch names its modules after the nodes)."""
+    taken: set[str] = set()
+    for node in graph.node:
+        scope = _scope(node).replace(".", "_")
+        if not scope:
+            taken.add(node.name)
+            continue
+        name, count = scope, 1
+        while name in taken:
+            count += 1
+            name = f"{scope}_{node.op_type.lower()}" if count == 2 else f"{scope}_{count}"
+        node.name = name
+        taken.add(name)
 
 
 def _constant(graph: Any, name: str) -> Any | None:
@@ -351,6 +394,11 @@ def _layout_and_shape(model: Any, options: FileOptions) -> tuple[str, Shape]:
         )
     fallback = given or DEFAULT_SHAPE
     shape = (c or fallback[0], h or fallback[1], w or fallback[2])
+    if max(shape[1:]) > MAX_SIDE:
+        raise ValueError(
+            f"the graph takes {shape[1]}x{shape[2]} images; convserve serves models whose input "
+            f"is at most {MAX_SIDE} pixels a side"
+        )
     if shape[0] not in (1, 3):
         raise ValueError(
             f"the graph's images have {shape[0]} channels; convserve feeds 1 (grey) or 3 (colour)"
@@ -459,7 +507,9 @@ def preprocessing(shape: Shape, options: FileOptions) -> InputSpec:
     )
     if options.resize is not None:
         resize, _, rest = options.resize.partition(":")
-        size = int(rest) if rest else None
+        size = int(rest) if rest.isdigit() else None
+        if rest and size is None:
+            raise ValueError(f"--resize center_crop:SIZE takes a whole number, not {rest!r}")
         if resize not in ("stretch", "center_crop") or (resize == "center_crop") != (
             size is not None
         ):
@@ -469,10 +519,12 @@ def preprocessing(shape: Shape, options: FileOptions) -> InputSpec:
     order = options.channel_order or ("L" if c == 1 else "RGB")
     if (order == "L") != (c == 1):
         raise ValueError(f"--channel-order {order} does not fit images of {c} channels")
-    return InputSpec(
+    spec = InputSpec(
         channels=c, height=h, width=w, mean=[float(v) for v in mean], std=[float(v) for v in std],
         resize=resize, resize_size=size, channel_order=order,  # type: ignore[arg-type]
     )  # fmt: skip
+    check_input(spec)  # what loading would refuse is refused before anything is written
+    return spec
 
 
 def _default_layer(module: nn.Module, shape: Shape) -> str:

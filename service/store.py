@@ -94,7 +94,7 @@ class ModelStore:
         return write_version(self, name, module, spec, graph)
 
 
-def _check_input(spec: InputSpec) -> list[str]:
+def check_input(spec: InputSpec) -> list[str]:
     """Refuse input specs that cannot be right; return warnings for doubtful ones."""
     if spec.channels not in (1, 3):
         raise ValueError(
@@ -142,7 +142,7 @@ def read_checked(folder: Path, name: str, version: int) -> tuple[ModelSpec, list
     except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ModelLoadError(name, version, f"{SPEC_FILE}: {exc}") from None
     try:
-        warnings = _check_input(spec.input)
+        warnings = check_input(spec.input)
         if not spec.labels:
             raise ValueError("labels is empty")
         weights = folder / WEIGHTS_FILE

@@ -271,6 +271,10 @@ def test_refusals_say_what_to_do(files: dict[str, Path], tmp_path: Path) -> None
                     "--store", tmp_path, cwd=tmp_path)  # fmt: skip
     assert shape.returncode != 0
     assert "takes 3x224x224" in shape.stderr
+    scaled = run_cli("import", files["scripted"], "--name", "scaled", "--mean", "127,127,127",
+                     "--std", "58,57,57", "--store", tmp_path, cwd=tmp_path)  # fmt: skip
+    assert scaled.returncode != 0
+    assert "look like 0..255 values" in scaled.stderr
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model at all")
     bad = run_cli("import", junk, "--name", "junk", "--store", tmp_path, cwd=tmp_path)
@@ -283,3 +287,4 @@ def test_refusals_say_what_to_do(files: dict[str, Path], tmp_path: Path) -> None
     assert "--weights" in dict_file.stderr
     assert not (tmp_path / "wrong").exists()
     assert not (tmp_path / "junk").exists()
+    assert not (tmp_path / "scaled").exists()

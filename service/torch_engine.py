@@ -85,9 +85,13 @@ def write_onnx(
 
 def store_graph(graph: bytes, folder: Path, weights_sha: str) -> Path:
     """An imported file's normalized graph as `folder`'s ONNX file, with its sidecar."""
+    import onnx
+
     path = folder / ONNX_FILE
     path.write_bytes(graph)
-    meta = OnnxMeta(sha256_file(path), weights_sha, OPSET, "convserve import: normalized graph")
+    imports = onnx.load_from_string(graph).opset_import
+    opset = next((o.version for o in imports if o.domain in ("", "ai.onnx")), OPSET)
+    meta = OnnxMeta(sha256_file(path), weights_sha, opset, "convserve import: normalized graph")
     (folder / ONNX_META).write_bytes(msgspec.json.encode(meta))
     return path
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from service.imaging import DecodeLimits, prepare_image
 from service.spec import read_spec
-from tests.support import ServerProcess, run_cli, running_server
+from tests.support import ServerProcess, resent, run_cli, running_server
 
 SHAPE = (3, 224, 224)
 LABELS = [f"kind {i}" for i in range(10)]
@@ -226,6 +226,27 @@ def test_a_fixed_batch_still_serves_concurrent_images_correctly(
                            atol=1e-4)  # fmt: skip
     metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
     assert f'convserve_batch_size_count{{model="{name}"' in metrics
+
+
+@pytest.mark.parametrize("name", ["fixed", "nhwc"])
+def test_heatmaps_in_a_shared_forward_pass_match_each_image_alone(
+    server: ServerProcess, name: str
+) -> None:
+    """`nhwc` runs image by image, so its heatmaps are taken image by image too."""
+    url = f"{server.url}/models/{name}/predict?heatmap=gradcam"
+    pictures = [_tinted(seed) for seed in range(20, 26)]
+    alone = [
+        httpx.post(url, content=p, headers={"content-type": "image/png"}, timeout=60)
+        for p in pictures
+    ]
+    # the same pixels in other bytes: the response cache does not answer them
+    again = [resent(Image.open(io.BytesIO(p))) for p in pictures]
+    together = asyncio.run(_concurrent(url, again))
+    for first, second in zip(alone, together, strict=True):
+        assert first.status_code == second.status_code == 200, second.text
+        one, other = first.json()["results"][0], second.json()["results"][0]
+        assert one["heatmap"]["class_index"] == other["heatmap"]["class_index"]
+        assert np.allclose(one["heatmap"]["grid"], other["heatmap"]["grid"], atol=1e-3)
 
 
 @pytest.mark.parametrize("name", ["exported", "scripted", "fixed", "nhwc"])

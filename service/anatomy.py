@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from service.card import Anatomy, LayerRow
-from service.registry import conv_output_size
+from service.card import Anatomy, LayerRow, conv_output_size, local_field_note
 
 SPATIAL = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
 GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -207,13 +206,9 @@ def describe(
                 receptive_field=rf,
             )
         )
-    if last_spatial_rf is not None and last_spatial_rf < min(input_shape[1:]):
-        notes.append(
-            f"the last convolution/pooling layer sees {last_spatial_rf}x{last_spatial_rf} pixels, "
-            f"less than the {input_shape[1]}x{input_shape[2]} input: spatial features are local "
-            "and "
-            "only the fully connected layers combine them"
-        )
+    note = local_field_note(last_spatial_rf, list(input_shape))
+    if note is not None:
+        notes.append(note)
     return Anatomy(
         input_shape=list(input_shape),
         output_shape=list(traced[-1].output_shape[1:]),

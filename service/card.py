@@ -10,6 +10,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def conv_output_size(
+    size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1
+) -> int:
+    """floor((W - K + 2P) / S) + 1, with dilation folded into the effective kernel size."""
+    effective = dilation * (kernel - 1) + 1
+    return (size - effective + 2 * padding) // stride + 1
+
+
+def local_field_note(receptive_field: int | None, input_shape: list[int]) -> str | None:
+    """The card's warning when the last convolution or pooling sees less than the image."""
+    if receptive_field is None or receptive_field >= min(input_shape[1:]):
+        return None
+    return (
+        f"the last convolution/pooling layer sees {receptive_field}x{receptive_field} pixels, "
+        f"less than the {input_shape[1]}x{input_shape[2]} input: spatial features are local "
+        "and only the fully connected layers combine them"
+    )
+
+
 @dataclass(frozen=True)
 class LayerRow:
     name: str

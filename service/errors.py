@@ -18,6 +18,7 @@
     │   └── UnsupportedImageFormatError
     ├── InvalidParameterError (422)
     ├── ModelRefusedError (422)
+    ├── HeatmapsUnavailableError (422)
     ├── UnauthorizedError (401)
     ├── ForbiddenError (403)
     ├── ConflictError (409)
@@ -193,6 +194,15 @@ class ModelRefusedError(ServiceError):
     status_code = 422
     title = "Model version refused"
     slug = "model-refused"
+
+
+class HeatmapsUnavailableError(ServiceError):
+    """The version serves predictions but has no network to read heatmaps from (an imported
+    graph torch cannot run); the detail says why."""
+
+    status_code = 422
+    title = "Heatmaps unavailable"
+    slug = "heatmaps-unavailable"
 
 
 class ClientClosedError(ServiceError):

@@ -5,10 +5,12 @@ to one ONNX graph that takes NCHW float32 and gives raw logits or log-probabilit
 version stores that graph as its model.onnx (what ONNX Runtime runs) and the weights of its
 torch twin, built here with onnx2torch, as weights.safetensors (what torch runs, and what
 Grad-CAM and the layer maps hook into: its convolutions are real `nn.Conv2d` modules).
+A graph without a twin serves on ONNX Runtime alone (service.graph_files).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,8 @@ import torch
 from torch import nn
 
 from service.errors import ArchitectureError
-from service.spec import sha256_file
+from service.graph_files import verified_graph
 
-GRAPH_ARCHITECTURE = "graph"
 ONNX2TORCH_OPSET = 17  # the newest opset onnx2torch converts every common op at
 
 
@@ -41,6 +42,13 @@ def convert_graph(model: Any) -> nn.Module:
     try:
         module: nn.Module = convert(model)
     except (NotImplementedError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        # its NotImplementedError names the op in a repr
+        missing = re.search(r"operation_type='(\w+)', version=(\d+)", str(exc))
+        if missing is not None:
+            op, opset = missing.groups()
+            raise ArchitectureError(
+                f"onnx2torch has no converter for {op} (opset {opset})"
+            ) from None
         raise ArchitectureError(f"onnx2torch cannot convert this graph: {exc}") from None
     return module.eval()
 
@@ -49,23 +57,5 @@ def build_graph(folder: Path, arguments: dict[str, Any]) -> nn.Module:
     """The torch module of an imported version, from its stored graph (hash checked)."""
     import onnx
 
-    from service.engines import ONNX_FILE
-
-    path = folder / ONNX_FILE
-    if not path.is_file():
-        raise ArchitectureError(f"an imported version needs its graph {ONNX_FILE}: it is missing")
-    recorded = str(arguments.get("graph_sha256", ""))
-    digest = sha256_file(path)
-    if digest != recorded:
-        raise ArchitectureError(
-            f"{ONNX_FILE} has sha256 {digest[:12]}... but model.json records "
-            f"{recorded[:12]}...: the file was changed or corrupted"
-        )
-    module = convert_graph(onnx.load(str(path)))
+    module = convert_graph(onnx.load(str(verified_graph(folder, arguments))))
     return Looped(module) if arguments.get("batch") == "loop" else module
-
-
-def applies_softmax(arguments: dict[str, Any]) -> bool:
-    """Whether an imported graph ends in (log-)softmax: its outputs are log-probabilities,
-    which convserve's own softmax turns back into the same probabilities."""
-    return str(arguments.get("output", "logits")) != "logits"

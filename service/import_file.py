@@ -35,7 +35,8 @@ from torch import nn
 from service.anatomy import trace
 from service.engines import TOLERANCE
 from service.errors import ArchitectureError, UnreadableFileError
-from service.graphs import GRAPH_ARCHITECTURE, ONNX2TORCH_OPSET, Looped, convert_graph
+from service.graph_files import GRAPH_ARCHITECTURE
+from service.graphs import ONNX2TORCH_OPSET, Looped, convert_graph
 from service.heatmaps import heatmap_layers
 from service.registry import Shape
 from service.spec import InputSpec, ModelSpec, TrainingMetrics, now_iso, sha256_file
@@ -527,6 +528,14 @@ def preprocessing(shape: Shape, options: FileOptions) -> InputSpec:
     return spec
 
 
+def _initializers(model: Any) -> dict[str, torch.Tensor]:
+    """A graph's own weights, as the version's weights.safetensors when it has no twin."""
+    return {
+        tensor.name: torch.from_numpy(numpy_helper.to_array(tensor).copy())
+        for tensor in model.graph.initializer
+    }
+
+
 def _default_layer(module: nn.Module, shape: Shape) -> str:
     with torch.inference_mode():
         layers = heatmap_layers(trace(module, torch.zeros((1, *shape))))
@@ -552,22 +561,31 @@ def import_file(
             f"{len(labels)} labels: give one label per output, in index order"
         )
     spec_input = preprocessing(normalized.shape, options)
-    module = torch_twin(normalized)
     graph = normalized.model.SerializeToString()
     arguments = {
         "format": fmt, "source": path.name, "source_sha256": sha256_file(path),
         "graph_sha256": hashlib.sha256(graph).hexdigest(), **normalized.facts,
     }  # fmt: skip
+    weights: nn.Module | dict[str, torch.Tensor]
+    try:
+        weights = torch_twin(normalized)
+        layer = _default_layer(weights, normalized.shape)
+    except ArchitectureError as exc:  # ONNX Runtime alone serves it (service.graph_files)
+        weights, layer = _initializers(normalized.model), ""
+        arguments["heatmaps_unavailable"] = str(exc)
+        normalized.notes.append(
+            f"{exc}: ONNX Runtime serves it; heatmaps and layer maps are unavailable"
+        )
     spec = ModelSpec(
         architecture=GRAPH_ARCHITECTURE,
         arguments=arguments,
         input=spec_input,
         labels=labels,
-        heatmap_layer=_default_layer(module, normalized.shape),
+        heatmap_layer=layer,
         metrics=TrainingMetrics(dataset=f"{path.name}: accuracy not measured here"),
         sha256="",
         created=now_iso(),
         description=f"{fmt} file {path.name}, via `convserve import`",
         engine="torch" if normalized.facts["batch"] == "loop" else None,
     )
-    return store.write(name, module, spec, graph=graph), normalized.notes
+    return store.write(name, weights, spec, graph=graph), normalized.notes

@@ -31,6 +31,7 @@ from service.decoding import DecodePool
 from service.errors import (
     ConflictError,
     DeadlineExceededError,
+    HeatmapsUnavailableError,
     ImageNotHeldError,
     InvalidParameterError,
     LayerNotFoundError,
@@ -68,6 +69,7 @@ class Route(msgspec.Struct, frozen=True):
     layers: list[str]  # heatmap layers, in execution order
     conv_layers: list[str]  # the layers among them the explorer can open
     grid_cells: int  # most cells (h * w) a heatmap of this version has
+    heatmaps_unavailable: str | None = None  # why it has none (service.graph_files)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -75,6 +77,7 @@ class Route(msgspec.Struct, frozen=True):
 
     def heatmap_point(self, layer: str | None) -> str:
         """The heatmap layer a request reads; 404 naming the valid ones otherwise."""
+        self._check_heatmaps()
         name = layer or self.heatmap_layer
         if name not in self.layers:
             raise LayerNotFoundError(
@@ -85,12 +88,20 @@ class Route(msgspec.Struct, frozen=True):
 
     def conv_layer(self, layer: str) -> str:
         """A conv layer the explorer opens; 404 naming the conv layers otherwise."""
+        self._check_heatmaps()
         if layer not in self.conv_layers:
             raise LayerNotFoundError(
                 f"model {self.name} v{self.version} has no conv layer {layer!r}; "
                 f"conv layers: {', '.join(self.conv_layers) or 'none'}"
             )
         return layer
+
+    def _check_heatmaps(self) -> None:
+        if self.heatmaps_unavailable is not None:
+            raise HeatmapsUnavailableError(
+                f"model {self.name} v{self.version} serves predictions but no heatmaps or layer "
+                f"maps: {self.heatmaps_unavailable}"
+            )
 
     def check_target(self, target: int | None) -> None:
         if target is not None and target >= len(self.labels):

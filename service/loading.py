@@ -21,6 +21,7 @@ from service.catalog import Catalog, Deployment
 from service.classifier import Classifier
 from service.config import Settings
 from service.errors import ModelLoadError, ServiceError
+from service.graph_files import heatmaps_unavailable
 from service.inference import Route
 from service.memory import return_freed_memory
 from service.prepared import batch_size, load_prepared
@@ -42,6 +43,7 @@ def route_of(classifier: Classifier) -> Route:
         layers=list(classifier.layers),
         conv_layers=list(classifier.conv_layers),
         grid_cells=max((p.shape[1] * p.shape[2] for p in classifier.layers.values()), default=0),
+        heatmaps_unavailable=heatmaps_unavailable(spec),
     )
 
 

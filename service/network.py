@@ -28,7 +28,8 @@ from service.convolution import layer_maps_json
 from service.decisions import Card, card_facts, remember_card
 from service.engines import Engine, OnnxEngine
 from service.errors import ArchitectureError, ModelLoadError
-from service.graphs import GRAPH_ARCHITECTURE, Looped, applies_softmax, build_graph
+from service.graph_files import GRAPH_ARCHITECTURE, applies_softmax, load_graph_only
+from service.graphs import Looped, build_graph
 from service.heatmaps import activation_map, grad_cam, heatmap_layers
 from service.prepared import compared_at, policy
 from service.registry import build_model
@@ -156,22 +157,28 @@ def _dry_run(module: nn.Module, spec: ModelSpec, device: torch.device) -> None:
 
 
 def write_version(
-    store: ModelStore, name: str, module: nn.Module, spec: ModelSpec, graph: bytes | None = None
+    store: ModelStore,
+    name: str,
+    module: nn.Module | dict[str, torch.Tensor],
+    spec: ModelSpec,
+    graph: bytes | None = None,
 ) -> int:
     """Write the next version atomically: files go in a hidden folder that is renamed last.
+    `module`: the network, or just its weights (an imported graph torch cannot run);
     `graph`: an imported file's normalized ONNX graph, stored as the version's model.onnx."""
     folder = store.root / check_name(name)
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
     try:
         weights = staging / WEIGHTS_FILE
-        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        tensors = module.state_dict() if isinstance(module, nn.Module) else module
+        state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         save_file(state, str(weights))
         spec = msgspec.structs.replace(spec, sha256=sha256_file(weights))
         shape = (spec.input.channels, spec.input.height, spec.input.width)
         if graph is not None:
             store_graph(graph, staging, spec.sha256)
-        else:
+        elif isinstance(module, nn.Module):
             try:  # the ONNX Runtime engine's file, exported now so loading need not
                 write_onnx(module, shape, staging, spec.sha256)
             except Exception as exc:  # the torch engine serves without it
@@ -240,9 +247,11 @@ def choose_engine(classifier: Classifier, folder: Path, settings: Settings) -> E
 
 
 def full_load(folder: Path, name: str, version: int, settings: Settings, device: str) -> Classifier:
-    """Load a version with its network, and decide its engine."""
+    """Load a version with its network, and decide its engine (a graph torch cannot run has
+    one: ONNX Runtime)."""
     classifier = load_classifier(folder, name, version, device, settings.threads)
-    classifier.engine = choose_engine(classifier, folder, settings)
+    if classifier.has_network:
+        classifier.engine = choose_engine(classifier, folder, settings)
     return classifier
 
 
@@ -254,9 +263,13 @@ def free_device_memory() -> None:
 def load_classifier(
     folder: Path, name: str, version: int, device: str | torch.device, threads: int | None = None
 ) -> Classifier:
-    """Verify hash, architecture, keys/shapes, labels, input spec and a dry run, then load."""
+    """Verify hash, architecture, keys/shapes, labels, input spec and a dry run, then load.
+    A graph torch cannot run loads without a network (service.graph_files)."""
     device = str(device)
     use_threads(threads)
+    graph_only = load_graph_only(folder, name, version, threads)
+    if graph_only is not None:
+        return graph_only
     spec, warnings = read_checked(folder, name, version)
     try:
         module = load_module(folder, spec, torch.device(device))

@@ -19,6 +19,7 @@ from service.classifier import Classifier
 from service.config import Settings
 from service.decisions import card_facts, decision_facts, recall, recall_card
 from service.engines import TOLERANCE, OnnxEngine, find_onnx, onnx_sha
+from service.graph_files import load_graph_only
 from service.spec import SPEC_FILE, ModelSpec
 from service.store import read_checked
 
@@ -60,7 +61,11 @@ def load_prepared(
     folder: Path, name: str, version: int, settings: Settings, device: str
 ) -> Classifier | None:
     """The version on ONNX Runtime without torch, or None when it was not prepared (a full
-    load is needed). ModelLoadError when its files are wrong, as a full load would say."""
+    load is needed). ModelLoadError when its files are wrong, as a full load would say.
+    A graph torch cannot run always serves this way (service.graph_files)."""
+    graph_only = load_graph_only(folder, name, version, settings.threads)
+    if graph_only is not None:
+        return graph_only
     spec, warnings = read_checked(folder, name, version)
     if policy(spec, settings, device) == "torch":
         return None

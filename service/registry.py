@@ -10,19 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from service.card import conv_output_size
 from service.errors import ArchitectureError, InputMismatchError
 
 Shape = tuple[int, int, int]  # (channels, height, width)
 DEFAULT_INPUT: Shape = (3, 32, 32)  # our own architectures' default: the seed SmallCNN's
 DEFAULT_CLASSES = 10
-
-
-def conv_output_size(
-    size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1
-) -> int:
-    """floor((W - K + 2P) / S) + 1, with dilation folded into the effective kernel size."""
-    effective = dilation * (kernel - 1) + 1
-    return (size - effective + 2 * padding) // stride + 1
 
 
 def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:

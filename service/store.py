@@ -86,7 +86,11 @@ class ModelStore:
         return load_classifier(self.path(name, version), name, version, str(device), threads)
 
     def write(
-        self, name: str, module: nn.Module, spec: ModelSpec, graph: bytes | None = None
+        self,
+        name: str,
+        module: nn.Module | dict[str, torch.Tensor],
+        spec: ModelSpec,
+        graph: bytes | None = None,
     ) -> int:
         """Write the next version (service.network.write_version)."""
         from service.network import write_version  # torch: only where versions are written

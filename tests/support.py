@@ -278,6 +278,27 @@ class TinyCNN(nn.Module):
         return logits
 
 
+def graph_torch_cannot_run(path: Path) -> None:
+    """TinyCNN as an ONNX graph whose pooling is GlobalMaxPool, an op onnx2torch has no
+    converter for: `convserve import` serves it on ONNX Runtime, without heatmaps."""
+    import onnx
+
+    torch.manual_seed(0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        program = torch.onnx.export(
+            TinyCNN().eval(), (torch.randn(1, 3, 32, 32),), dynamo=True, input_names=["input"]
+        )
+    assert program is not None
+    model = program.model_proto
+    nodes = model.graph.node
+    index, mean = next((i, n) for i, n in enumerate(nodes) if n.op_type == "ReduceMean")
+    nodes.remove(mean)
+    nodes.insert(index, onnx.helper.make_node("Flatten", ["pooled"], [mean.output[0]]))
+    nodes.insert(index, onnx.helper.make_node("GlobalMaxPool", [mean.input[0]], ["pooled"]))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
 def model_files(root: Path) -> None:
     """model.onnx (batch fixed at 1), model.pt (TorchScript), model.pt2 (torch.export),
     keras.onnx (NHWC), with labels.txt and labels.json."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import io
 import json
@@ -16,6 +17,7 @@ from typing import cast
 
 import httpx
 import numpy as np
+import onnx
 import pytest
 import torch
 import torchvision
@@ -23,12 +25,14 @@ from PIL import Image
 from skimage import data as samples
 from torch import nn
 
+from service.anatomy import describe
 from service.imaging import DecodeLimits, prepare_image
 from service.spec import read_spec
 from tests.support import ServerProcess, resent, run_cli, running_server
 
 SHAPE = (3, 224, 224)
 LABELS = [f"kind {i}" for i in range(10)]
+JPEG = {"content-type": "image/jpeg"}
 
 
 class Softmaxed(nn.Module):
@@ -84,6 +88,30 @@ def _network() -> nn.Module:
     return cast("nn.Module", network)
 
 
+@functools.cache
+def _max_pooled() -> nn.Module:
+    """The same network ending in a global max pool instead of the average."""
+    network = copy.deepcopy(_network())
+    network.avgpool = nn.AdaptiveMaxPool2d(1)
+    return network
+
+
+def _reference(name: str) -> nn.Module:
+    return _max_pooled() if name == "no_twin" else _network()
+
+
+def _global_max_pool(source: Path, target: Path) -> None:
+    """`source` with its final pooling as ONNX's GlobalMaxPool, an op onnx2torch has no
+    converter for: the network of _max_pooled, in a graph torch cannot run."""
+    model = onnx.load(str(source))
+    nodes = model.graph.node
+    index, pool = [(i, n) for i, n in enumerate(nodes) if n.op_type == "ReduceMean"][-1]
+    nodes.remove(pool)
+    nodes.insert(index, onnx.helper.make_node("GlobalMaxPool", [pool.input[0]], [pool.output[0]]))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(target))
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("files")
@@ -96,9 +124,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "exported": folder / "exported.pt2",
         "nhwc": folder / "nhwc.onnx",
         "softmax": folder / "softmax.pt",
+        "no_twin": folder / "no_twin.onnx",
     }
     _onnx(network, one, made["fixed"], dynamic=False)
     _onnx(network, torch.randn(2, *SHAPE), made["dynamic"], dynamic=True)
+    _global_max_pool(made["dynamic"], made["no_twin"])
     with warnings.catch_warnings():  # TorchScript is deprecated, and still what people have
         warnings.simplefilter("ignore")
         for name, module in (("scripted", network), ("softmax", Softmaxed(network).eval())):
@@ -143,7 +173,7 @@ def _expected(store: Path, name: str, picture: bytes) -> np.ndarray:
     spec = read_spec(store / name / "1" / "model.json")
     array = prepare_image(picture, spec.input, DecodeLimits(max_pixels=50_000_000)).array
     with torch.inference_mode():
-        logits = _network()(torch.from_numpy(array)[None])
+        logits = _reference(name)(torch.from_numpy(array)[None])
     return torch.softmax(logits, dim=1)[0].numpy()
 
 
@@ -180,7 +210,9 @@ def test_every_format_imports_with_what_was_done_said(imported: Path) -> None:
     assert batching["scripted"] in ("dynamic", "rewritten")
 
 
-@pytest.mark.parametrize("name", ["fixed", "dynamic", "scripted", "exported", "nhwc", "softmax"])
+@pytest.mark.parametrize(
+    "name", ["fixed", "dynamic", "scripted", "exported", "nhwc", "softmax", "no_twin"]
+)
 def test_served_answers_agree_with_the_network_in_process(
     server: ServerProcess, imported: Path, name: str
 ) -> None:
@@ -211,7 +243,7 @@ def _tinted(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("name", ["fixed", "nhwc"])
+@pytest.mark.parametrize("name", ["fixed", "nhwc", "no_twin"])
 def test_a_fixed_batch_still_serves_concurrent_images_correctly(
     server: ServerProcess, imported: Path, name: str
 ) -> None:
@@ -263,6 +295,46 @@ def test_heatmaps_and_the_card_come_from_the_graph(server: ServerProcess, name: 
     assert response.status_code == 200, response.text
     assert response.content.startswith(b"\x89PNG")
     assert Image.open(io.BytesIO(response.content)).size[0] > 100
+
+
+def test_a_graph_torch_cannot_run_serves_without_heatmaps(
+    server: ServerProcess, imported: Path
+) -> None:
+    """onnx2torch has no converter for GlobalMaxPool: ONNX Runtime serves the graph (answers
+    checked above), the card comes from the graph and says why there are no heatmaps, and
+    every heatmap or layer-map request gets a 422 problem saying the same."""
+    outputs = json.loads((imported / "outputs.json").read_text())
+    assert "no converter for GlobalMaxPool" in outputs["no_twin"]
+    assert "heatmaps and layer maps are unavailable" in outputs["no_twin"]
+    assert "engine on this machine: onnxruntime" in outputs["no_twin"]
+    response = httpx.get(f"{server.url}/models/no_twin", timeout=30)
+    assert response.status_code == 200, response.text
+    card = response.json()
+    assert "no converter for GlobalMaxPool" in card["heatmaps_unavailable"]
+    assert any("heatmaps unavailable" in warning for warning in card["warnings"])
+    assert card["engine"] == "onnxruntime"
+    assert card["heatmap_layers"] == []
+    # the card read from the graph: the multiply-adds and receptive field torch counts
+    expected = describe(_max_pooled(), SHAPE)
+    anatomy = card["anatomy"]
+    assert anatomy["total_macs"] == expected.total_macs
+    assert anatomy["receptive_field"] == expected.receptive_field
+    assert anatomy["output_shape"] == [len(LABELS)]
+    convs = [row for row in anatomy["layers"] if row["type"] == "Conv"]
+    assert convs[0]["output_shape"] == [16, 112, 112] == convs[0]["formula_shape"]
+    assert (convs[0]["kernel"], convs[0]["stride"]) == ([3, 3], [2, 2])
+    picture = _photo()
+    for url in (
+        f"{server.url}/models/no_twin/predict?heatmap=gradcam",
+        f"{server.url}/models/no_twin/predict?heatmap=activation",
+        f"{server.url}/models/no_twin/layers/{convs[0]['name']}/maps",
+    ):
+        refused = httpx.post(url, content=picture, headers=JPEG, timeout=60)
+        assert refused.status_code == 422, (url, refused.text)
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert "no converter for GlobalMaxPool" in refused.json()["detail"]
+    served = httpx.post(f"{server.url}/models/no_twin/predict", content=picture, headers=JPEG)
+    assert served.status_code == 200, served.text
 
 
 def test_the_v2_route_takes_fp32_tensors_for_an_imported_model(server: ServerProcess) -> None:

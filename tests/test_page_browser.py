@@ -22,9 +22,11 @@ from tests.support import (
     ARTIFACTS,
     ServerProcess,
     digit_picture,
+    graph_torch_cannot_run,
     held_out_digits,
     metric_value,
     png_bytes,
+    run_cli,
     running_server,
 )
 
@@ -300,6 +302,43 @@ def test_errors_are_shown_in_plain_words(open_page: Open, tmp_path: Path) -> Non
     upload(page, path, label)
     assert page.is_hidden("#error")
     assert page.is_visible("#results")
+
+
+def test_a_model_without_heatmaps_is_classified_and_says_why(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """An imported graph torch cannot run: the page classifies with it, asks for no heatmap,
+    and says in plain words why there is none."""
+    graph = tmp_path / "pooled.onnx"
+    graph_torch_cannot_run(graph)
+    store = tmp_path / "store"
+    imported = run_cli("import", graph, "--name", "pooled", "--store", store, cwd=tmp_path)
+    assert imported.returncode == 0, imported.stderr
+    with running_server(tmp_path, {"CONVSERVE_STORE": str(store)}) as server:
+        context = browser.new_context(viewport={"width": 1280, "height": 1000})
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        errors: list[str] = []
+        refused: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.on("response", lambda r: refused.append(r.url) if r.status >= 400 else None)
+        page.goto(server.url + "/")
+        models_loaded(page)
+        picture = tmp_path / "red.png"
+        Image.new("RGB", (64, 48), (200, 30, 40)).save(picture)
+        page.set_input_files("#file", picture)
+        page.wait_for_selector("#summary[data-top]")
+        assert (page.text_content("#summary") or "").startswith("pooled v1 says class")
+        assert page.is_hidden("#gradcam")
+        caption = page.text_content("#gradcam-caption") or ""
+        assert caption.startswith("No heatmaps for this model: onnx2torch has no converter")
+        assert "GlobalMaxPool" in caption
+        assert page.text_content("#activation-caption") == "This model has no layers to walk."
+        assert page.is_hidden("#error")
+        page.screenshot(path=SHOTS / "no-heatmaps.png", full_page=True)
+        context.close()
+    assert not errors, f"script errors: {errors}"
+    assert not refused, f"refused requests: {refused}"
 
 
 def test_keyboard_only(open_page: Open, tmp_path: Path) -> None:

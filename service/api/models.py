@@ -20,6 +20,7 @@ from service.api.schemas import (
     VersionStatus,
 )
 from service.catalog import Deployment, ModelState, VersionState
+from service.graph_files import heatmaps_unavailable
 
 CARD_PROBLEMS = problems(404, 503)
 
@@ -89,6 +90,7 @@ def model_card(deployment: Deployment) -> ModelCard:
             receptive_field=anatomy.receptive_field,
         ),
         warnings=classifier.warnings,
+        heatmaps_unavailable=heatmaps_unavailable(spec),
     )
 
 

@@ -128,3 +128,4 @@ class ModelCard(msgspec.Struct):
     batching: dict[str, float]
     anatomy: AnatomyInfo
     warnings: list[str]
+    heatmaps_unavailable: str | None = None  # why there are no heatmaps; None: there are

@@ -135,6 +135,12 @@ function renderPredictions(answer) {
   $("summary").dataset.top = top.label;
   const heatmap = result.heatmap;
   const gradcam = $("gradcam");
+  gradcam.hidden = !heatmap;
+  if (!heatmap) {
+    gradcam.removeAttribute("src");
+    $("gradcam-caption").textContent = `No heatmaps for this model: ${state.card.heatmaps_unavailable}`;
+    return;
+  }
   gradcam.src = `data:image/png;base64,${heatmap.png}`;
   gradcam.alt = `Grad-CAM heatmap for class ${top.label} at layer ${heatmap.layer}, over the image`;
   $("gradcam-caption").textContent =
@@ -160,7 +166,9 @@ async function classify(image) {
   const started = performance.now();
   let answer;
   try {
-    answer = await postPicture(predictUrl({ heatmap: "gradcam" }), picture);
+    // a model without heatmaps (an imported graph torch cannot run) is only classified
+    const extra = state.card?.heatmaps_unavailable ? {} : { heatmap: "gradcam" };
+    answer = await postPicture(predictUrl(extra), picture);
   } catch (error) {
     if (run === state.run) {
       // what is on screen belongs to an earlier image: hide it rather than mislead
@@ -202,6 +210,8 @@ function fillLayers(card) {
     return label;
   });
   box.replaceChildren(legend, ...choices);
+  $("activation").hidden = choices.length === 0;
+  $("activation-caption").textContent = choices.length ? "" : "This model has no layers to walk.";
 }
 
 async function showLayer(run) {

@@ -62,6 +62,7 @@ fuzz: $(STAMP) ## fuzz the image decode path for ten minutes (atheris); fails on
 bench: $(STAMP) ## benchmark against the in-process limit, a naive server, peers, convserve predict (about 60 min)
 	command -v hey >/dev/null || (apt-get update -q && apt-get install -y -q hey)
 	$(BIN)/python -m benchmarks.driver
+	$(BIN)/python -m benchmarks.engines
 	$(BIN)/python -m benchmarks.workers
 	$(BIN)/python -m benchmarks.first_request
 	$(BIN)/python -m benchmarks.ready

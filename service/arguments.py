@@ -93,6 +93,14 @@ def existing_path(text: str) -> Path:
     return path
 
 
+def existing_folder(text: str) -> Path:
+    """An argparse type: a folder that is there."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: no such folder")
+    return path
+
+
 def output_folder(text: str) -> Path:
     """An argparse type: a folder to write into (made when missing), not a file."""
     path = Path(text)

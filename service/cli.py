@@ -14,6 +14,7 @@ from service import __version__
 from service.arguments import (
     DefaultsShown,
     existing_file,
+    existing_folder,
     existing_path,
     float_list,
     fraction,
@@ -210,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument(
         "--layout", choices=("NCHW", "NHWC"), help="the model's input layout (default: detected)"
     )
+    files.add_argument(
+        "--quantize", choices=("int8",),
+        help="write an INT8 version (ONNX Runtime static quantization); needs --calibrate",
+    )  # fmt: skip
+    files.add_argument(
+        "--calibrate", type=existing_folder, metavar="DIR",
+        help="images like the traffic, to set the INT8 ranges (every fifth is held out)",
+    )  # fmt: skip
+    files.add_argument(
+        "--held-out", type=existing_folder, metavar="DIR",
+        help="images to measure the INT8 version's top-1 agreement with the float one on "
+        "(default: every fifth image of --calibrate)",
+    )  # fmt: skip
     _settings_flags(imp, APPLIES["import"])
 
     about = "print the per-layer table of an architecture, sized as import would build it"
@@ -450,11 +464,16 @@ def _import_file(args: argparse.Namespace, path: Path) -> int:
         raise ValueError(f"{path}: no such file")
     if args.random_init or args.weights or args.classes:
         raise ValueError("--random-init, --weights and --classes are for architectures, not files")
+    if (args.quantize is None) != (args.calibrate is None):
+        raise ValueError("--quantize int8 and --calibrate DIR go together")
+    if args.held_out is not None and args.quantize is None:
+        raise ValueError("--held-out measures an INT8 version: give --quantize int8 too")
     name = check_name(args.name or path.stem)
     _check_writable(args.store)
     options = FileOptions(
         labels=args.labels, input_shape=args.input, mean=args.mean, std=args.std,
         resize=args.resize, channel_order=args.channel_order, layout=args.layout,
+        quantize=args.quantize, calibrate=args.calibrate, held_out=args.held_out,
     )  # fmt: skip
     version, notes = import_file(ModelStore(args.store), path, name, options)
     print(f"wrote {args.store / name / str(version)}")

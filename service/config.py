@@ -307,7 +307,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "watch": _flag,
     "watch_interval_s": _non_negative_float,
     "warmup": _flag,
-    "engine": _choice("auto", "torch", "onnxruntime"),
+    "engine": _choice("auto", "torch", "onnxruntime", "openvino"),
     "threads": _optional_threads,
     "decode_threads": _positive_int,
     "decode_memory_mb": _positive_int,
@@ -357,7 +357,8 @@ HELP: dict[str, str] = {
     "watch": "load new versions that appear in the store",
     "watch_interval_s": "how often the store is scanned when watching",
     "warmup": "run a version before it takes traffic (CPU: largest batch and 1; GPU: every size)",
-    "engine": "auto (the faster, measured at load) | torch | onnxruntime",
+    "engine": "auto (the fastest that agrees with torch, measured at load) | torch | "
+    "onnxruntime | openvino",
     "threads": "torch intra-op threads (default: torch's choice)",
     "decode_threads": "images one worker decodes at once, each in its own decoder process",
     "decode_memory_mb": "memory one decoder process may use for an image (more: 400, replaced)",

@@ -24,6 +24,7 @@ import os
 import platform
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -38,9 +39,11 @@ log = logging.getLogger("convserve.engines")
 
 class Decision(msgspec.Struct):
     facts: dict[str, str]  # everything the measurement depended on
-    engine: str  # "torch" or "onnxruntime"
-    difference: float  # largest logit difference between the two engines
+    engine: str  # "torch", "onnxruntime" or "openvino"
+    difference: float  # the chosen engine's largest logit difference from torch (all disagree:
+    # the smallest of theirs)
     timings_ms: dict[str, float]  # median batch time per engine
+    differences: dict[str, float] = msgspec.field(default_factory=dict)  # per engine tried
 
 
 class Card(msgspec.Struct):
@@ -80,12 +83,15 @@ def _cpu() -> str:
 
 def decision_facts(
     weights_sha: str, onnx_sha: str, input_shape: tuple[int, int, int], batch_size: int,
-    threads: int | None,
+    threads: int | None, engines: Sequence[str],
 ) -> dict[str, str]:  # fmt: skip
-    """What the faster engine depends on: the files, the shape, the machine and the libraries."""
+    """What the faster engine depends on: the files, the shape, the engines raced, the machine
+    and the libraries."""
     import onnxruntime
 
     return {
+        "engines": ",".join(engines),
+        "openvino": importlib.metadata.version("openvino") if "openvino" in engines else "-",
         "weights_sha256": weights_sha,
         "onnx_sha256": onnx_sha,
         "input": "x".join(map(str, input_shape)),
@@ -148,7 +154,7 @@ def _write(path: Path, record: msgspec.Struct) -> None:
 def recall(cache: Path, facts: dict[str, str]) -> Decision | None:
     """The recorded engine decision when every fact matches."""
     decision = _read(_path(cache, "engines", facts["weights_sha256"]), Decision, facts)
-    if decision is None or decision.engine not in ("torch", "onnxruntime"):
+    if decision is None or decision.engine not in ("torch", *facts["engines"].split(",")):
         return None
     return decision
 

@@ -4,7 +4,8 @@ The ONNX file is a derived artifact: `convserve import` and `train` write it bes
 (model.onnx, with model.onnx.json recording its own hash and the weights' hash it came from).
 The server never writes to its store: a version without a matching file gets one exported
 into the cache directory (CONVSERVE_CACHE_DIR), keyed by the weights' hash
-(service.torch_engine). It is checked against torch numerically (1e-4) before it may serve.
+(service.torch_engine). ONNX Runtime and OpenVINO both run that file; each is checked against
+torch numerically (1e-4) before it may serve.
 No torch here: a version prepared for ONNX Runtime serves without it (service.prepared).
 """
 
@@ -15,7 +16,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 import numpy as np
@@ -57,6 +58,49 @@ class OnnxEngine:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         out: np.ndarray = self.session.run(None, {self.input: batch})[0]
         return out
+
+
+class OpenVinoEngine:
+    """OpenVINO's CPU plugin on the same ONNX file, in float32 (no bf16 shortcuts on CPUs
+    that have them: the answers must agree with torch to 1e-4)."""
+
+    name = "openvino"
+
+    def __init__(self, path: Path, threads: int | None) -> None:
+        import openvino as ov  # only where a version serves with it
+
+        config: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": "f32",
+            "PERFORMANCE_HINT": "LATENCY",  # one stream: the batcher hands it whole batches
+            "ENABLE_CPU_PINNING": False,  # the decoders and the event loop share the cores
+        }
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        core = ov.Core()
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.request = compiled.create_infer_request()  # the batcher's one inference thread
+        self.output = compiled.output(0)
+        self.path = path
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        # the request reuses its output buffer: copy before the next batch overwrites it
+        return np.array(self.request.infer({0: batch})[self.output], copy=True)
+
+
+ENGINES: dict[str, type[OnnxEngine] | type[OpenVinoEngine]] = {
+    OnnxEngine.name: OnnxEngine,
+    OpenVinoEngine.name: OpenVinoEngine,
+}  # the engines that run a version's ONNX file; torch runs its network
+
+
+def candidates(policy: str) -> list[str]:
+    """The ONNX-file engines a policy lets race torch: `auto` all of them, else the one named."""
+    return list(ENGINES) if policy == "auto" else [policy]
+
+
+def make_engine(name: str, path: Path, threads: int | None) -> Engine:
+    engine: Engine = ENGINES[name](path, threads)
+    return engine
 
 
 class OnnxMeta(msgspec.Struct):
@@ -121,20 +165,22 @@ def onnx_sha(path: Path) -> str:
     return msgspec.json.decode((path.parent / ONNX_META).read_bytes(), type=OnnxMeta).sha256
 
 
-def auto_choice(torch_engine: Engine, onnx: OnnxEngine, facts: dict[str, str], cache: Path,
-                input_shape: tuple[int, int, int], batch_size: int) -> Engine | None:  # fmt: skip
-    """`auto`: the faster engine, as recorded for these exact facts or measured now (and then
-    recorded); None when the two disagree numerically."""
+def auto_choice(torch_engine: Engine, contenders: Sequence[Engine], facts: dict[str, str],
+                cache: Path, input_shape: tuple[int, int, int], batch_size: int,
+                ) -> Engine | None:  # fmt: skip
+    """The fastest of torch and the `contenders` that agree with it, as recorded for these
+    exact facts or measured now (and then recorded); None when none of them agrees."""
     decision = recall(cache, facts)
     if decision is None:
-        difference = check_agreement(onnx, torch_engine, input_shape)
-        timings: dict[str, float] = {}
-        engine = "torch"
-        if difference <= TOLERANCE:
+        differences = {c.name: check_agreement(c, torch_engine, input_shape) for c in contenders}
+        agreeing = [c for c in contenders if differences[c.name] <= TOLERANCE]
+        engine, timings = "torch", {}
+        if agreeing:
             batch = np.zeros((batch_size, *input_shape), dtype=np.float32)
-            timings = race((torch_engine, onnx), batch)
+            timings = race((torch_engine, *agreeing), batch)
             engine = min(timings, key=lambda name: timings[name])
-        decision = Decision(facts, engine, difference, timings)
+        difference = differences.get(engine, 0.0) if agreeing else min(differences.values())
+        decision = Decision(facts, engine, difference, timings, differences)
         remember(cache, decision)
         how = "measured"
     else:
@@ -143,4 +189,4 @@ def auto_choice(torch_engine: Engine, onnx: OnnxEngine, facts: dict[str, str], c
         return None
     measured = ", ".join(f"{name} {ms:.2f} ms" for name, ms in decision.timings_ms.items())
     log.info("engine auto at batch %d: %s -> %s (%s)", batch_size, measured, decision.engine, how)
-    return onnx if decision.engine == onnx.name else torch_engine
+    return next((c for c in contenders if c.name == decision.engine), torch_engine)

@@ -35,13 +35,16 @@ def _attributes(node: Any) -> dict[str, Any]:
 
 
 def _weights(graph: Any) -> dict[str, Any]:
-    """Initializers and Constant outputs, by tensor name, as numpy arrays."""
+    """Initializers and Constant outputs, by tensor name, as numpy arrays; a quantized graph's
+    DequantizeLinear of an initializer stands for that (integer) initializer."""
     found = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant":
             for attribute in node.attribute:
                 if attribute.name == "value":
                     found[node.output[0]] = numpy_helper.to_array(attribute.t)
+        elif node.op_type == "DequantizeLinear" and node.input[0] in found:
+            found[node.output[0]] = found[node.input[0]]
     return found
 
 
@@ -88,9 +91,12 @@ def _formula(node: Any, weight: Any, in_shape: list[int]) -> list[int] | None:
     return [channels, *sizes]
 
 
+LEARNED = ("float16", "float32", "float64", "int8", "uint8", "int32")  # int32: quantized biases
+
+
 def _size(tensor: Any) -> int:
-    """A weight's element count; 0 for what is not a learned float (axes, shapes)."""
-    return int(tensor.size) if tensor is not None and tensor.dtype.kind == "f" else 0
+    """A weight's element count; 0 for what is not learned (int64 axes and shapes)."""
+    return int(tensor.size) if tensor is not None and tensor.dtype.name in LEARNED else 0
 
 
 def _macs(node: Any, weight: Any, out_shape: list[int]) -> int:

@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 
 from service.classifier import Classifier
-from service.engines import ONNX_FILE, Engine, OnnxEngine
+from service.engines import (
+    ONNX_FILE,
+    TOLERANCE,
+    Engine,
+    OnnxEngine,
+    OpenVinoEngine,
+    check_agreement,
+)
 from service.errors import ArchitectureError, HeatmapsUnavailableError, ModelLoadError
 from service.spec import ModelSpec, sha256_file
 from service.store import read_checked
@@ -68,6 +75,18 @@ class OneByOne:
         return np.concatenate([self.engine.logits(batch[i : i + 1]) for i in range(len(batch))])
 
 
+def _openvino(reference: Engine, path: Path, threads: int | None,
+              shape: tuple[int, int, int]) -> Engine:  # fmt: skip
+    """OpenVINO where it agrees with ONNX Runtime (torch cannot check it here)."""
+    engine = OpenVinoEngine(path, threads)
+    difference = check_agreement(engine, reference, shape)
+    if difference <= TOLERANCE:
+        return engine
+    log.warning("%s: OpenVINO and ONNX Runtime differ by %.2g; ONNX Runtime serves it",
+                path, difference)  # fmt: skip
+    return reference
+
+
 def _no_network(name: str, version: int, reason: str) -> Any:
     def build() -> Any:
         raise HeatmapsUnavailableError(f"model {name} v{version} has no heatmaps: {reason}")
@@ -76,11 +95,12 @@ def _no_network(name: str, version: int, reason: str) -> Any:
 
 
 def load_graph_only(
-    folder: Path, name: str, version: int, threads: int | None
+    folder: Path, name: str, version: int, threads: int | None, policy: str = "auto"
 ) -> Classifier | None:
-    """The version on ONNX Runtime's CPU provider, whatever CONVSERVE_ENGINE and the device say
-    (nothing else runs it), when it is a graph without a torch twin; None otherwise.
-    ModelLoadError when its files are wrong or its graph does not give what model.json says."""
+    """The version on ONNX Runtime's CPU provider (OpenVINO's where the policy names it and it
+    agrees with ONNX Runtime to 1e-4; torch cannot run it) when it is a graph without a torch
+    twin; None otherwise. ModelLoadError when its files are wrong or its graph does not give
+    what model.json says."""
     from service.graph_card import graph_anatomy  # onnx: only for such graphs
 
     spec, warnings = read_checked(folder, name, version)
@@ -92,6 +112,8 @@ def load_graph_only(
         path = verified_graph(folder, spec.arguments)
         anatomy = graph_anatomy(path, shape)
         engine: Engine = OnnxEngine(path, threads)
+        if (spec.engine or policy) == OpenVinoEngine.name:
+            engine = _openvino(engine, path, threads, shape)
         if spec.arguments.get("batch") == "loop":
             engine = OneByOne(engine)
         out = engine.logits(np.zeros((2, *shape), dtype=np.float32))
@@ -102,7 +124,7 @@ def load_graph_only(
             name, version, f"the graph gives outputs of shape {list(out.shape[1:])} per image but "
             f"model.json lists {len(spec.labels)} labels",
         )  # fmt: skip
-    log.info("model %s v%d: a graph torch cannot run; ONNX Runtime serves it", name, version)
+    log.info("model %s v%d: a graph torch cannot run; %s serves it", name, version, engine.name)
     notes = [*warnings, *anatomy.warnings, f"heatmaps unavailable: {reason}"]
     return Classifier(
         name, version, spec, "cpu", anatomy, {}, notes, _no_network(name, version, reason), engine

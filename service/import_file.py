@@ -61,6 +61,9 @@ class FileOptions:
     resize: str | None = None  # "stretch" or "center_crop:SIZE"
     channel_order: str | None = None
     layout: str | None = None  # "NCHW" or "NHWC"
+    quantize: str | None = None  # "int8": with calibrate (service.quantize)
+    calibrate: Path | None = None
+    held_out: Path | None = None
 
 
 @dataclass
@@ -561,20 +564,40 @@ def import_file(
             f"{len(labels)} labels: give one label per output, in index order"
         )
     spec_input = preprocessing(normalized.shape, options)
+    quantization = None
+    if options.quantize is not None and options.calibrate is not None:
+        from service.quantize import quantize_int8
+
+        batch = 1 if normalized.facts["batch"] == "loop" else 8
+        quantized = quantize_int8(
+            normalized.model, spec_input, options.calibrate, options.held_out, batch
+        )
+        normalized.model, quantization = quantized.model, quantized.facts
+        normalized.notes.extend(quantized.notes)
     graph = normalized.model.SerializeToString()
     arguments = {
         "format": fmt, "source": path.name, "source_sha256": sha256_file(path),
         "graph_sha256": hashlib.sha256(graph).hexdigest(), **normalized.facts,
     }  # fmt: skip
-    weights: nn.Module | dict[str, torch.Tensor]
-    try:
-        weights = torch_twin(normalized)
-        layer = _default_layer(weights, normalized.shape)
-    except ArchitectureError as exc:  # ONNX Runtime alone serves it (service.graph_files)
-        weights, layer = _initializers(normalized.model), ""
-        arguments["heatmaps_unavailable"] = str(exc)
+    weights: nn.Module | dict[str, torch.Tensor] = {}
+    layer, unavailable = "", None
+    if quantization is not None:
+        arguments["quantization"] = quantization
+        unavailable = (
+            "an INT8 graph: heatmaps are read from the float network (import the file without "
+            "--quantize for them)"
+        )
+    else:
+        try:
+            weights = torch_twin(normalized)
+            layer = _default_layer(weights, normalized.shape)
+        except ArchitectureError as exc:
+            unavailable = str(exc)
+    if unavailable is not None:  # ONNX Runtime alone serves it (service.graph_files)
+        weights = _initializers(normalized.model)
+        arguments["heatmaps_unavailable"] = unavailable
         normalized.notes.append(
-            f"{exc}: ONNX Runtime serves it; heatmaps and layer maps are unavailable"
+            f"{unavailable}: ONNX Runtime serves it; heatmaps and layer maps are unavailable"
         )
     spec = ModelSpec(
         architecture=GRAPH_ARCHITECTURE,
@@ -585,7 +608,8 @@ def import_file(
         metrics=TrainingMetrics(dataset=f"{path.name}: accuracy not measured here"),
         sha256="",
         created=now_iso(),
-        description=f"{fmt} file {path.name}, via `convserve import`",
+        description=f"{fmt} file {path.name}{', INT8' if quantization else ''}, via "
+        "`convserve import`",
         engine="torch" if normalized.facts["batch"] == "loop" else None,
     )
     return store.write(name, weights, spec, graph=graph), normalized.notes

@@ -26,7 +26,7 @@ from service.classifier import Classifier, Explanation
 from service.config import Settings
 from service.convolution import layer_maps_json
 from service.decisions import Card, card_facts, remember_card
-from service.engines import Engine, OnnxEngine
+from service.engines import Engine
 from service.errors import ArchitectureError, ModelLoadError
 from service.graph_files import GRAPH_ARCHITECTURE, applies_softmax, load_graph_only
 from service.graphs import Looped, build_graph
@@ -230,15 +230,15 @@ def examine(module: nn.Module, spec: ModelSpec) -> tuple[Anatomy, dict[str, Read
 def choose_engine(classifier: Classifier, folder: Path, settings: Settings) -> Engine:
     """The engine a version serves with (service.torch_engine.select_engine): what the loader
     runs, and what `convserve import` and `train` run so that the first start finds it decided.
-    A version left on ONNX Runtime gets its card recorded too: with both, the next start serves
-    it without torch (service.prepared)."""
+    A version left on ONNX Runtime or OpenVINO gets its card recorded too: with both, the next
+    start serves it without torch (service.prepared)."""
     spec = classifier.spec
     engine = select_engine(
         classifier.module, classifier.torch_engine, classifier.input_shape, folder,
         spec.sha256, settings.cache_dir, policy(spec, settings, classifier.device),
         settings.threads, compared_at(spec, settings),
     )  # fmt: skip
-    if engine.name == OnnxEngine.name:
+    if engine.name != classifier.torch_engine.name:
         facts = card_facts(spec.sha256, (folder / SPEC_FILE).read_bytes())
         layers = list(classifier.layers.values())
         remember_card(settings.cache_dir, Card(facts, classifier.anatomy, layers,

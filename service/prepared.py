@@ -3,9 +3,9 @@
 A full load (service.network) imports torch (1.8 s and 650 MB resident with the CUDA build),
 builds and traces the network for its card, and decides the engine. When an earlier load on
 this machine, with these libraries, recorded all of that for exactly these files
-(service.decisions) and chose ONNX Runtime, none of it needs doing again: the version serves
-from its verified ONNX file with the recorded card, and its network is built (torch imported)
-the first time a heatmap or the explorer asks for it.
+(service.decisions) and chose ONNX Runtime or OpenVINO, none of it needs doing again: the
+version serves from its verified ONNX file with the recorded card, and its network is built
+(torch imported) the first time a heatmap or the explorer asks for it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from service.classifier import Classifier
 from service.config import Settings
 from service.decisions import card_facts, decision_facts, recall, recall_card
-from service.engines import TOLERANCE, OnnxEngine, find_onnx, onnx_sha
+from service.engines import ENGINES, TOLERANCE, candidates, find_onnx, make_engine, onnx_sha
 from service.graph_files import load_graph_only
 from service.spec import SPEC_FILE, ModelSpec
 from service.store import read_checked
@@ -42,7 +42,7 @@ def compared_at(spec: ModelSpec, settings: Settings) -> int:
 
 def policy(spec: ModelSpec, settings: Settings, device: str) -> str:
     """The engine policy for a version: model.json's, else CONVSERVE_ENGINE; torch off the CPU
-    (the ONNX engine here is ONNX Runtime's CPU provider)."""
+    (ONNX Runtime and OpenVINO run here on their CPU providers)."""
     return (spec.engine or settings.engine) if device == "cpu" else "torch"
 
 
@@ -63,7 +63,7 @@ def load_prepared(
     """The version on ONNX Runtime without torch, or None when it was not prepared (a full
     load is needed). ModelLoadError when its files are wrong, as a full load would say.
     A graph torch cannot run always serves this way (service.graph_files)."""
-    graph_only = load_graph_only(folder, name, version, settings.threads)
+    graph_only = load_graph_only(folder, name, version, settings.threads, settings.engine)
     if graph_only is not None:
         return graph_only
     spec, warnings = read_checked(folder, name, version)
@@ -75,16 +75,19 @@ def load_prepared(
     if card is None or path is None:
         return None
     shape = (spec.input.channels, spec.input.height, spec.input.width)
+    chosen = policy(spec, settings, device)
     facts = decision_facts(spec.sha256, onnx_sha(path), shape, compared_at(spec, settings),
-                           settings.threads)  # fmt: skip
+                           settings.threads, candidates(chosen))  # fmt: skip
     decision = recall(cache, facts)
     if decision is None or decision.difference > TOLERANCE:
         return None
-    if policy(spec, settings, device) == "auto" and decision.engine != OnnxEngine.name:
-        return None
+    if chosen == "auto":
+        if decision.engine not in ENGINES:  # torch was the faster
+            return None
+        chosen = decision.engine
     layers = {point.layer: point for point in card.layers}
-    engine = OnnxEngine(path, settings.threads)
-    log.info("model %s v%d: prepared on this machine; ONNX Runtime serves it", name, version)
+    engine = make_engine(chosen, path, settings.threads)
+    log.info("model %s v%d: prepared on this machine; %s serves it", name, version, chosen)
     builder = _builder(folder, name, version, device, settings.threads)
     return Classifier(
         name, version, spec, device, card.anatomy, layers, warnings + card.warnings, builder,

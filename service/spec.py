@@ -101,7 +101,8 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     created: str
     batching: BatchingOverrides | None = None
     description: str = ""
-    engine: Literal["auto", "torch", "onnxruntime"] | None = None  # None: CONVSERVE_ENGINE
+    # None: CONVSERVE_ENGINE decides
+    engine: Literal["auto", "torch", "onnxruntime", "openvino"] | None = None
 
 
 def sha256_file(path: Path) -> str:

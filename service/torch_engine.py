@@ -24,11 +24,12 @@ from service.engines import (
     OPSET,
     TOLERANCE,
     Engine,
-    OnnxEngine,
     OnnxMeta,
     auto_choice,
     cache_folder,
+    candidates,
     find_onnx,
+    make_engine,
     onnx_sha,
 )
 from service.spec import sha256_file
@@ -127,22 +128,30 @@ def select_engine(
     threads: int | None,
     batch_size: int,
 ) -> Engine:
-    """The engine a version serves with: `torch`, `onnxruntime` (verified first), or `auto`
-    (the faster of the two, measured on this machine once, service.decisions). Both record
-    the decision, which lets the next start serve without torch (service.prepared). Any ONNX
-    trouble leaves torch serving."""
+    """The engine a version serves with: `torch`, `onnxruntime` or `openvino` (verified against
+    torch first), or `auto` (the fastest that agrees, measured on this machine once,
+    service.decisions). Each records the decision, which lets the next start serve without
+    torch (service.prepared). Any trouble with the ONNX file's engines leaves torch serving."""
     if policy == "torch":
         return torch_engine
+    contenders: list[Engine] = []
     try:
         path = ensure_onnx(module, input_shape, version_folder, weights_sha, cache)
-        onnx = OnnxEngine(path, threads)
-    except Exception as exc:  # exporters and runtimes fail in many ways; torch still works
-        log.warning("%s: no ONNX Runtime engine (%s); serving with torch", version_folder, exc)
+    except Exception as exc:  # exporters fail in many ways; torch still works
+        log.warning("%s: no ONNX file (%s); serving with torch", version_folder, exc)
         return torch_engine
-    facts = decision_facts(weights_sha, onnx_sha(path), input_shape, batch_size, threads)
-    chosen = auto_choice(torch_engine, onnx, facts, cache, input_shape, batch_size)
+    for name in candidates(policy):
+        try:
+            contenders.append(make_engine(name, path, threads))
+        except Exception as exc:  # a runtime that refuses the file: the others may not
+            log.warning("%s: no %s engine (%s)", version_folder, name, exc)
+    if not contenders:
+        return torch_engine
+    names = [engine.name for engine in contenders]
+    facts = decision_facts(weights_sha, onnx_sha(path), input_shape, batch_size, threads, names)
+    chosen = auto_choice(torch_engine, contenders, facts, cache, input_shape, batch_size)
     if chosen is None:
-        log.warning("%s: ONNX and torch differ by more than %g; serving with torch",
-                    version_folder, TOLERANCE)  # fmt: skip
+        log.warning("%s: %s and torch differ by more than %g; serving with torch",
+                    version_folder, " and ".join(names), TOLERANCE)  # fmt: skip
         return torch_engine
-    return onnx if policy == "onnxruntime" else chosen
+    return chosen if policy == "auto" else contenders[0]

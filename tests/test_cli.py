@@ -52,7 +52,8 @@ def _pictures(folder: Path, classes: tuple[str, ...] = ("circle", "square")) -> 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A user's folder holding what the documented commands name: DIR and ./shapes (pictures),
+    """A user's folder holding what the documented commands name: DIR, ./shapes and photos/
+    (pictures),
     resnet18.pth and lenet.pth (state dicts), docs/examples/digit-4.jpg."""
     root = tmp_path_factory.mktemp("user")
     _pictures(root / "DIR")
@@ -63,6 +64,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "docs" / "examples").mkdir(parents=True)
     shutil.copy(DIGIT, root / "docs" / "examples")
     model_files(root)
+    shutil.copytree(root / "shapes", root / "photos")  # INT8 calibration images
     return root
 
 
@@ -84,6 +86,9 @@ EXPECTED = {
     "convserve import model.onnx --name mobilenet --labels labels.txt": "rewritten to dynamic",
     "convserve import model.pt --name scripted --labels labels.json": "wrote",
     "convserve import model.pt2 --name exported --labels labels.txt": "wrote",
+    "convserve import model.onnx --name mobilenet-int8 --quantize int8 --calibrate photos/": (
+        "int8: top-1 agrees with the float graph"
+    ),
     "convserve import keras.onnx --name keras --layout NHWC --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5": (
         "takes NHWC images"
     ),

@@ -202,6 +202,7 @@ def _reader_files(home: Path) -> None:
             (draw.ellipse if index == 0 else draw.rectangle)(box, fill=(250, 250, 250))
             picture.save(folder / f"{number}.png")
     (home / "DIR").symlink_to(home / "shapes")  # README's placeholder for an ImageFolder
+    (home / "photos").symlink_to(home / "shapes")  # INT8 calibration images
     model_files(home)  # model.onnx, model.pt, model.pt2, keras.onnx and their labels
 
 

@@ -1,6 +1,7 @@
-"""The ONNX Runtime engine: written beside the weights by import and train, exported into the
-cache (never the store) by a server that finds none, verified against torch before it serves,
-chosen by policy or by measurement, and never trusted when it disagrees."""
+"""The ONNX file's engines (ONNX Runtime and OpenVINO): the file written beside the weights by
+import and train, exported into the cache (never the store) by a server that finds none; each
+engine verified against torch before it serves, chosen by policy or by measurement, and never
+trusted when it disagrees."""
 
 from __future__ import annotations
 
@@ -105,20 +106,23 @@ def test_policies_and_a_disagreeing_export(tmp_path: Path) -> None:
             classifier.spec.sha256, tmp_path / "cache")  # fmt: skip
     assert select_engine(*args, "torch", None, 8).name == "torch"
     assert select_engine(*args, "onnxruntime", None, 8).name == "onnxruntime"
-    assert select_engine(*args, "auto", None, 8).name in {"torch", "onnxruntime"}
+    assert select_engine(*args, "openvino", None, 8).name == "openvino"
+    assert select_engine(*args, "auto", None, 8).name in {"torch", "onnxruntime", "openvino"}
     # an ONNX file of another network, with a sidecar that vouches for it: numbers decide
     lenet = BUNDLED_STORE / "lenet5" / "1" / ONNX_FILE
     shutil.copy(lenet, folder / ONNX_FILE)
     meta = OnnxMeta(sha256_file(folder / ONNX_FILE), classifier.spec.sha256, 18, "test")
     (folder / ONNX_META).write_bytes(msgspec.json.encode(meta))
     assert select_engine(*args, "onnxruntime", None, 8).name == "torch"
+    assert select_engine(*args, "openvino", None, 8).name == "torch"
+    assert select_engine(*args, "auto", None, 8).name == "torch"
 
 
 async def test_both_engines_answer_alike_over_http(tmp_path: Path) -> None:
     digits = held_out_digits(16)
     files = [("file", (f"{i}.png", png_bytes(d.image), "image/png")) for i, d in enumerate(digits)]
     answers = {}
-    for engine in ("torch", "onnxruntime"):
+    for engine in ("torch", "onnxruntime", "openvino"):
         env = {"CONVSERVE_STORE": str(BUNDLED_STORE), "CONVSERVE_ENGINE": engine}
         async with ready_client(Settings.from_env(env)) as client:
             card = (await client.get("/models/digits")).json()
@@ -131,6 +135,7 @@ async def test_both_engines_answer_alike_over_http(tmp_path: Path) -> None:
                 for r in response.json()["results"]
             ])  # fmt: skip
     np.testing.assert_allclose(answers["torch"], answers["onnxruntime"], atol=1e-5)
+    np.testing.assert_allclose(answers["torch"], answers["openvino"], atol=1e-5)
     assert (answers["torch"].argmax(1) == [d.label for d in digits]).mean() > 0.9
 
 
@@ -151,7 +156,9 @@ def test_the_auto_decision_is_recorded_and_only_trusted_for_the_same_facts(
     first = select_engine(*args).name
     measured = msgspec.json.decode(record.read_bytes(), type=Decision)
     assert measured.engine == first
-    assert set(measured.timings_ms) == {"torch", "onnxruntime"}
+    assert set(measured.timings_ms) == {"torch", "onnxruntime", "openvino"}
+    assert set(measured.differences) == {"onnxruntime", "openvino"}
+    assert max(measured.differences.values()) < 1e-4
     assert measured.facts["onnx_sha256"] == sha256_file(folder / ONNX_FILE)
     assert measured.facts["torch"] == torch.__version__
 
@@ -160,8 +167,9 @@ def test_the_auto_decision_is_recorded_and_only_trusted_for_the_same_facts(
     assert "recorded for this machine" in caplog.text
     assert msgspec.json.decode(record.read_bytes(), type=Decision) == measured
 
-    other = "torch" if first == "onnxruntime" else "onnxruntime"
+    other = "torch" if first != "torch" else "onnxruntime"
     for fact, value in [("cpu", "another machine's CPU"), ("onnxruntime", "0.0.1"),
+                        ("openvino", "2000.1"), ("engines", "onnxruntime"),
                         ("onnx_sha256", "0" * 64), ("threads", "64")]:  # fmt: skip
         forged = Decision({**measured.facts, fact: value}, other, 0.0, {other: 0.001})
         record.write_bytes(msgspec.json.encode(forged))
@@ -170,7 +178,7 @@ def test_the_auto_decision_is_recorded_and_only_trusted_for_the_same_facts(
         assert f"worked out with another {fact}" in caplog.text
         remeasured = msgspec.json.decode(record.read_bytes(), type=Decision)
         assert remeasured.facts == measured.facts
-        assert set(remeasured.timings_ms) == {"torch", "onnxruntime"}
+        assert set(remeasured.timings_ms) == {"torch", "onnxruntime", "openvino"}
 
     record.write_bytes(b"{not json")
     select_engine(*args)

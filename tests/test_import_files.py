@@ -26,6 +26,7 @@ from skimage import data as samples
 from torch import nn
 
 from service.anatomy import describe
+from service.graph_files import load_graph_only
 from service.imaging import DecodeLimits, prepare_image
 from service.spec import read_spec
 from tests.support import ServerProcess, resent, run_cli, running_server
@@ -335,6 +336,18 @@ def test_a_graph_torch_cannot_run_serves_without_heatmaps(
         assert "no converter for GlobalMaxPool" in refused.json()["detail"]
     served = httpx.post(f"{server.url}/models/no_twin/predict", content=picture, headers=JPEG)
     assert served.status_code == 200, served.text
+
+
+def test_openvino_serves_a_graph_torch_cannot_run_when_asked(imported: Path) -> None:
+    """Checked against ONNX Runtime, the only reference there is without torch."""
+    folder = imported / "no_twin" / "1"
+    by_default = load_graph_only(folder, "no_twin", 1, None)
+    forced = load_graph_only(folder, "no_twin", 1, None, "openvino")
+    assert by_default is not None
+    assert forced is not None
+    assert (by_default.engine.name, forced.engine.name) == ("onnxruntime", "openvino")
+    images = list(np.random.default_rng(2).standard_normal((5, *SHAPE)).astype(np.float32))
+    assert np.allclose(by_default.predict(images), forced.predict(images), atol=1e-5)
 
 
 def test_the_v2_route_takes_fp32_tensors_for_an_imported_model(server: ServerProcess) -> None:

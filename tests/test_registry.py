@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from service.anatomy import describe
+from service.card import conv_output_size
 from service.errors import ArchitectureError
-from service.registry import ARCHITECTURES, SmallCNN, build_model, conv_output_size
+from service.registry import ARCHITECTURES, SmallCNN, build_model
 
 
 def test_seed_small_cnn_has_545098_parameters() -> None:

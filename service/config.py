@@ -130,6 +130,18 @@ def _optional_str(text: str) -> str | None:
     return text or None
 
 
+def _optional_path(text: str) -> Path | None:
+    return Path(text) if text.strip() else None
+
+
+def _fraction(text: str) -> float:
+    rule = "must be a number from 0 to 1"
+    value = _float(text, rule)
+    if not 0 <= value <= 1:
+        raise ValueError(rule)
+    return value
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -207,6 +219,12 @@ class Settings:
     max_connections: int = 1024
     cache_entries: int = 4096
     cache_mb: int = 64
+    capture_dir: Path | None = None
+    capture_below: float = 0.5
+    capture_classes: tuple[str, ...] = ()
+    capture_rate: float = 0.0
+    capture_per_minute: int = 60
+    capture_mb: int = 1024
 
     @classmethod
     def from_env(
@@ -320,6 +338,12 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "max_connections": _positive_int,
     "cache_entries": _non_negative_int,
     "cache_mb": _non_negative_int,
+    "capture_dir": _optional_path,
+    "capture_below": _fraction,
+    "capture_classes": _names,
+    "capture_rate": _fraction,
+    "capture_per_minute": _non_negative_int,
+    "capture_mb": _non_negative_int,
 }
 
 HELP: dict[str, str] = {
@@ -376,4 +400,12 @@ HELP: dict[str, str] = {
         "memory each worker process's response cache may hold, heatmaps included (and the "
         "model process's kept images)"
     ),
+    "capture_dir": (
+        "keep uncertain images here for review (off when unset; never inside the store)"
+    ),
+    "capture_below": "capture an image whose top-1 probability is below this",
+    "capture_classes": "comma-separated labels: capture every image predicted as one of them",
+    "capture_rate": "capture this share (0..1) of all other classified images",
+    "capture_per_minute": "most images captured per minute, over all workers",
+    "capture_mb": "disk the captured images and their sidecars may use",
 }

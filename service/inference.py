@@ -25,6 +25,7 @@ import numpy as np
 
 from service import metrics, tracing
 from service.answers import AnswerCache, Cached, digest
+from service.capture import Capture
 from service.config import Settings
 from service.decoder import DecoderConfig
 from service.decoding import DecodePool
@@ -38,6 +39,7 @@ from service.errors import (
     ShuttingDownError,
 )
 from service.imaging import PreparedImage
+from service.logs import CURRENT_REQUEST
 from service.memory import Trimmer
 from service.overlay import overlay_png
 from service.spec import InputSpec
@@ -244,11 +246,14 @@ class Requests:
         )
         self.trimmer = Trimmer(self.painters)
         self.answers = AnswerCache(settings.cache_entries, settings.cache_mb * 1024 * 1024)
+        self.capture: Capture | None = None  # started with the decoders: only where they run
         self.draining = False
         self.inflight = 0
 
     async def start(self) -> None:
         await self.decoders.start()
+        if self.settings.capture_dir is not None:
+            self.capture = Capture(self.settings, self.settings.workers)
 
     async def keep(self, image: Image) -> str | None:
         """Hold one uploaded image in the model owner, so later requests from any worker may
@@ -307,6 +312,8 @@ class Requests:
             self.inflight -= 1
 
     def stop(self) -> None:
+        if self.capture is not None:
+            self.capture.close()
         self.trimmer.cancel()
         self.decoders.close()
         self.painters.shutdown(wait=False, cancel_futures=True)
@@ -357,7 +364,8 @@ class Requests:
     ) -> Classified:
         """Images (bytes to decode, or (C, H, W) arrays already preprocessed) -> one answer
         each, in order, with its heatmap drawn over the picture when `paint`. A request whose
-        every image was answered before comes from the response cache."""
+        every image was answered before comes from the response cache. Images the capture
+        rules pick are handed to its writer (service.capture)."""
         digests = await self._digests(items)
         if digests is not None:
             keys = self.answers.keys(first, digests, explain(first), target)
@@ -374,7 +382,21 @@ class Requests:
             keys = self.answers.keys(route, digests, explain(route), target)
             answered = zip(classified.answers, classified.overlays, strict=True)
             self.answers.store(keys, [Cached(a, o) for a, o in answered])
+        if self.capture is not None:
+            self._capture(classified, items)
         return classified
+
+    def _capture(self, classified: Classified, items: Sequence[Image | np.ndarray]) -> None:
+        """Offer the request's encoded images (not preprocessed tensors) to the capture."""
+        assert self.capture is not None
+        pairs = [(i.data, a.probabilities) for i, a in zip(items, classified.answers, strict=True)
+                 if isinstance(i, Image)]  # fmt: skip
+        if pairs:
+            route = classified.route
+            self.capture.offer(
+                route.name, route.version, route.labels, [data for data, _ in pairs],
+                [row for _, row in pairs], CURRENT_REQUEST.get(),
+            )  # fmt: skip
 
     async def _digests(self, items: Sequence[Image | np.ndarray]) -> list[bytes] | None:
         """The response cache's keys for these images (None with the cache off); large bodies

@@ -7,9 +7,12 @@ import json
 import logging
 import re
 from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any, cast
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a request id a client may choose
+# the request being handled, for what the request path records beyond the access line (captures)
+CURRENT_REQUEST: ContextVar[str | None] = ContextVar("convserve_request_id", default=None)
 
 
 class JsonFormatter(logging.Formatter):

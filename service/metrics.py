@@ -124,6 +124,22 @@ CACHE_BYTES = Gauge(
     multiprocess_mode="livesum",
 )
 
+CAPTURED = Counter(
+    "convserve_captures",
+    "Images kept for review (reason: low_confidence, class, sampled)",
+    ["model", "reason"],
+)
+CAPTURE_DROPPED = Counter(
+    "convserve_capture_dropped",
+    "Images the capture rules picked but did not keep (reason: per_minute, quota, queue, disk)",
+    ["reason"],
+)
+CAPTURE_BYTES = Gauge(
+    "convserve_capture_bytes",
+    "Disk the captured images and their sidecars use (CONVSERVE_CAPTURE_MB bounds it)",
+    multiprocess_mode="livemax",
+)
+
 
 def render(accept: str) -> tuple[bytes, str]:
     """The exposition format the scraper asks for (prometheus-client negotiates it), from this

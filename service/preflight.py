@@ -21,8 +21,22 @@ def servable_names(settings: Settings) -> list[str]:
     return [name for name in stored_names(settings.store) if stored_versions(settings.store, name)]
 
 
+def check_capture(settings: Settings) -> None:
+    """The capture dir holds what users send: never the store, whose every file is verified."""
+    capture = settings.capture_dir
+    if capture is None:
+        return
+    store, folder = settings.store.resolve(), capture.resolve()
+    if folder == store or store in folder.parents or folder in store.parents:
+        raise SettingsError(
+            f"CONVSERVE_CAPTURE_DIR={str(capture)!r} (--capture-dir): it overlaps the model store "
+            f"{store}; captured images must go elsewhere"
+        )
+
+
 def check_store(settings: Settings) -> None:
     """Raise SettingsError, naming the setting and the fix, when the store cannot serve."""
+    check_capture(settings)
     if settings.allow_empty:
         return
     store = settings.store

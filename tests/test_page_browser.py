@@ -47,9 +47,10 @@ PAD = 280  # the drawing pad's own pixels
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with running_server(
-        tmp_path_factory.mktemp("page"), {"CONVSERVE_LOG_LEVEL": "warning"}
-    ) as process:
+    folder = tmp_path_factory.mktemp("page")
+    env = {"CONVSERVE_LOG_LEVEL": "warning", "CONVSERVE_CAPTURE_DIR": str(folder / "captured"),
+           "CONVSERVE_CAPTURE_RATE": "0.5"}  # fmt: skip
+    with running_server(folder, env) as process:
         yield process
 
 
@@ -557,6 +558,10 @@ def test_dashboard_moves_under_load(open_page: Open, server: ServerProcess) -> N
         assert float(legend(page, "cache", "hits").split(": ")[1].split()[0]) > 0
         assert float(legend(page, "cache", "misses").split(": ")[1].split()[0]) > 0
         assert (page.text_content("#stat-cache") or "").endswith("%")
+        page.wait_for_function(
+            "() => parseFloat(document.querySelector('#stat-captured').textContent) > 0"
+        )
+        assert "/min" in legend(page, "capture", "captured")
     latencies = [path_of(page, "latency", key) for key in ("p50", "p95", "p99")]
     assert all(latencies), latencies
 

@@ -18,7 +18,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from service import metrics, tracing
 from service.errors import ServiceError
 from service.inference import Classified, Route
-from service.logs import REQUEST_ID
+from service.logs import CURRENT_REQUEST, REQUEST_ID
 
 log = logging.getLogger("convserve.access")
 SCOPE_KEY = "convserve"
@@ -106,6 +106,7 @@ def access_middleware(
             return
         started = time.perf_counter()
         request_id = _request_id(scope)
+        CURRENT_REQUEST.set(request_id)
         facts: dict[str, Any] = {"request_id": request_id}
         raw[SCOPE_KEY] = facts
         path = PREDICTION_PATHS.match(raw["path"])

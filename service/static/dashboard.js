@@ -36,6 +36,10 @@ const charts = {
     { key: "hits", name: "hits", colour: "#2e8b57" },
     { key: "misses", name: "misses", colour: "#7f8c8d" },
   ], "/s"),
+  capture: new Chart($("chart-capture"), [
+    { key: "captured", name: "kept", colour: "#2e8b57" },
+    { key: "dropped", name: "dropped", colour: "#c0392b" },
+  ], "/min"),
   errors: new Chart($("chart-errors"), [
     { key: "errors5xx", name: "5xx", colour: "#c0392b" },
     { key: "errors4xx", name: "4xx", colour: "#d98c00" },
@@ -84,6 +88,9 @@ function interval(a, b) {
     hits: hits / seconds,
     misses: (looked - hits) / seconds,
     hitRate: looked ? (100 * hits) / looked : null,
+    captured: (60 * increase(a, b, "convserve_captures_total")) / seconds,
+    dropped: (60 * increase(a, b, "convserve_capture_dropped_total")) / seconds,
+    capturedTotal: b.sum("convserve_captures_total"),
   };
 }
 
@@ -117,7 +124,7 @@ function render() {
   const now = history[history.length - 1].time;
   // the time axis grows with the history this page has, from one minute up to the window
   const span = Math.min(Math.max(now - history[0].time, 60), WINDOW);
-  for (const key of ["rate", "latency", "stages", "batch", "queue", "cache", "errors"]) {
+  for (const key of ["rate", "latency", "stages", "batch", "queue", "cache", "capture", "errors"]) {
     charts[key].lines(points, now, span);
   }
   charts.sizes.bars(batchSizes());
@@ -129,6 +136,7 @@ function render() {
   $("stat-queue").textContent = show(latest.depth, 0);
   $("stat-inflight").textContent = show(latest.inflight, 0);
   $("stat-cache").textContent = show(latest.hitRate, 0, "%");
+  $("stat-captured").textContent = show(latest.capturedTotal, 0);
   $("updated").textContent = `Updated ${new Date(now * 1000).toLocaleTimeString()}; ${points.length} readings in the window.`;
   $("updated").dataset.readings = String(points.length);
 }

@@ -122,8 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--arch", default="small_cnn", help="architecture name (see `convserve describe --list`)"
     )
     train.add_argument(
-        "--name", required=True, type=model_name, help="model name in the store (required)"
-    )
+        "--name", type=model_name,
+        help="model name in the store (required, except with --from: that model)",
+    )  # fmt: skip
+    train.add_argument(
+        "--from", dest="source", metavar="NAME[:VERSION]",
+        help="fine-tune this store version (default: its highest) on --data DIR, keeping its "
+        "preprocessing and labels; measures it and the new version on the same held-out images",
+    )  # fmt: skip
+    train.add_argument(
+        "--freeze-conv", action="store_true",
+        help="with --from: train only the layers after the convolutions",
+    )  # fmt: skip
     train.add_argument(
         "--data",
         default="mnist",
@@ -378,6 +388,12 @@ def _train(args: argparse.Namespace) -> int:
     )
 
     _check_writable(args.store)
+    if args.source is not None:
+        return _fine_tune(args)
+    if args.name is None:
+        raise ValueError("--name is required (or fine-tune a version with --from NAME)")
+    if args.freeze_conv:
+        raise ValueError("--freeze-conv fine-tunes a version: give --from NAME too")
     if args.data == "mnist":
         if args.input not in (None, MNIST_SHAPE):
             raise ValueError(
@@ -426,6 +442,43 @@ def _train(args: argparse.Namespace) -> int:
         f"({metrics.dataset})"
     )
     _prepare(args.settings, args.name, version)
+    return 0
+
+
+def _fine_tune(args: argparse.Namespace) -> int:
+    from service.fine_tuning import fine_tune
+    from service.store import ModelStore
+    from service.training import TrainConfig
+
+    if args.data == "mnist" or args.input is not None or args.limit is not None:
+        raise ValueError(
+            "--from fine-tunes on --data DIR (an ImageFolder named by the version's labels), "
+            "with the version's own input: --input and --limit do not apply"
+        )
+    name, _, number = args.source.partition(":")
+    if number and not number.isdigit():
+        raise ValueError(f"--from {args.source}: the version after ':' is a number")
+    store = ModelStore(args.store)
+    name, version = store.resolve(name, int(number) if number else None)
+    config = TrainConfig(
+        "", epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+        seed=args.seed, holdout=args.holdout,
+    )  # fmt: skip
+    tuned = fine_tune(store, name, version, args.data, config, freeze_conv=args.freeze_conv,
+                      target=args.name)  # fmt: skip
+    target = args.name or name
+    print(
+        f"wrote {args.store / target / str(tuned.version)}: held-out accuracy {tuned.after:.4f}, "
+        f"{name} v{version} {tuned.before:.4f} on the same {tuned.held_out} images"
+    )
+    if tuned.after < tuned.before:
+        print(
+            f"WARNING: the new version is WORSE than {name} v{version} on the held-out images "
+            f"({tuned.after:.4f} < {tuned.before:.4f}); it was written all the same: do not "
+            "promote it without a look",
+            file=sys.stderr,
+        )
+    _prepare(args.settings, target, tuned.version)
     return 0
 
 

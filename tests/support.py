@@ -278,6 +278,16 @@ class TinyCNN(nn.Module):
         return logits
 
 
+def rotated_digits(folder: Path, count: int = 400, angle: float = 50) -> None:
+    """An ImageFolder of held-out digits drawn another way (rotated): one folder per label,
+    as `convserve train --from digits --data FOLDER` reads (the bundled network saw upright
+    digits only)."""
+    for index, digit in enumerate(held_out_digits(count)):
+        labelled = folder / str(digit.label)
+        labelled.mkdir(parents=True, exist_ok=True)
+        digit.image.rotate(angle).save(labelled / f"{index}.png")
+
+
 def graph_torch_cannot_run(path: Path) -> None:
     """TinyCNN as an ONNX graph whose pooling is GlobalMaxPool, an op onnx2torch has no
     converter for: `convserve import` serves it on ONNX Runtime, without heatmaps."""

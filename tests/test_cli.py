@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from service.cli import build_parser
 from service.registry import build_model
-from tests.support import BUNDLED_STORE, ROOT, model_files, run_cli
+from tests.support import BUNDLED_STORE, ROOT, model_files, rotated_digits, run_cli
 
 COMMANDS = ("train", "import", "describe", "explain", "predict")
 DOCUMENTED = re.compile(r"convserve (train|import|describe|explain)((?: +[^\s`#]+)*)")
@@ -65,6 +65,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copy(DIGIT, root / "docs" / "examples")
     model_files(root)
     shutil.copytree(root / "shapes", root / "photos")  # INT8 calibration images
+    rotated_digits(root / "rotated", count=100)  # what --from digits fine-tunes on
+    shutil.copytree(BUNDLED_STORE / "digits", root / "served" / "digits")
     return root
 
 
@@ -78,6 +80,8 @@ EXPECTED = {
     "convserve train --arch lenet5 --name lenet5": "held-out of a stratified sample of 200",
     "convserve train --arch small_cnn --name shapes --data DIR --input 3x32x32": "held-out of 16",
     "convserve train --arch small_cnn --name shapes --data ./shapes --input 3x32x32": "of 16",
+    "convserve train --from digits --data rotated": "on the same",
+    "convserve train --from digits --data rotated --name digits-rotated": "on the same",
     "convserve import resnet18 --random-init": "wrote",
     "convserve import resnet18 --weights resnet18.pth": "wrote",
     "convserve import small_cnn --random-init --input 3x32x32 --classes 10": "wrote",
@@ -113,11 +117,15 @@ def test_documented_command_runs(command: str, workdir: Path) -> None:
         "describe": [],
     }
     extra = extras[args[0]]
+    if "--from" in args:  # a served version to start from: a copy of the bundled digits
+        extra = ["--epochs", "1", "--store", workdir / "served"]
     result = run_cli(*args, *extra, cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert EXPECTED[command] in result.stdout
     if args[0] in ("train", "import"):
         written = Path(result.stdout.split()[1].rstrip(":"))
+        if not written.is_absolute():
+            written = workdir / written
         assert (written / "model.json").is_file()
     if args[0] == "explain":
         with Image.open(workdir / "out.png") as picture:

@@ -32,7 +32,14 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from tests.support import BUNDLED_STORE, ROOT, ServerProcess, model_files, running_server
+from tests.support import (
+    BUNDLED_STORE,
+    ROOT,
+    ServerProcess,
+    model_files,
+    rotated_digits,
+    running_server,
+)
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 KEY = "docs-key"
@@ -203,6 +210,7 @@ def _reader_files(home: Path) -> None:
             picture.save(folder / f"{number}.png")
     (home / "DIR").symlink_to(home / "shapes")  # README's placeholder for an ImageFolder
     (home / "photos").symlink_to(home / "shapes")  # INT8 calibration images
+    rotated_digits(home / "rotated", count=100)  # what `train --from digits` fine-tunes on
     model_files(home)  # model.onnx, model.pt, model.pt2, keras.onnx and their labels
 
 

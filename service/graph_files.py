@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from service.classifier import Classifier
@@ -28,7 +29,7 @@ from service.engines import (
     check_agreement,
 )
 from service.errors import ArchitectureError, HeatmapsUnavailableError, ModelLoadError
-from service.spec import ModelSpec, sha256_file
+from service.spec import SPEC_FILE, ModelSpec, read_spec, sha256_file
 from service.store import read_checked
 
 log = logging.getLogger("convserve.catalog")
@@ -103,9 +104,14 @@ def load_graph_only(
     what model.json says."""
     from service.graph_card import graph_anatomy  # onnx: only for such graphs
 
+    try:  # model.json alone says which versions these are: no weights hashed for the others
+        if heatmaps_unavailable(read_spec(folder / SPEC_FILE)) is None:
+            return None
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return None  # the loader's own checks say what is wrong with it
     spec, warnings = read_checked(folder, name, version)
     reason = heatmaps_unavailable(spec)
-    if reason is None:
+    if reason is None:  # model.json was replaced meanwhile: the full load reads it again
         return None
     shape = (spec.input.channels, spec.input.height, spec.input.width)
     try:

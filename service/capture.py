@@ -41,6 +41,7 @@ from service.config import Settings
 
 log = logging.getLogger("convserve.capture")
 QUEUE = 256  # images waiting for the writer; more are dropped, the request is not slowed
+QUEUE_BYTES = 64 * 1024 * 1024  # and their bytes: 256 bodies of 16 MB would be 4 GB of memory
 PAUSE_S = 60.0  # after a disk error
 RESCAN_S = 10.0  # how often the disk use of every worker's captures is summed again
 EXTENSIONS = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpg", b"GIF8": "gif", b"RIFF": "webp",
@@ -83,6 +84,8 @@ class Capture:
         self.quota = settings.capture_mb * 1024 * 1024
         self.minute = (0, 0)  # (minute number, images kept in it)
         self.pending: queue.Queue[Kept | None] = queue.Queue(QUEUE)
+        self.queued = 0  # bytes in `pending`, under `lock` (the writer takes them off)
+        self.lock = threading.Lock()
         self.paused_until = 0.0
         self.used = 0
         self.scanned = 0.0
@@ -118,12 +121,22 @@ class Capture:
                 "predictions": [{"label": labels[i], "class_index": int(i),
                                  "probability": float(row[i])} for i in order],
             }  # fmt: skip
-            try:
-                self.pending.put_nowait(Kept(model, version, data, record))
-            except queue.Full:
+            if not self._enqueue(Kept(model, version, data, record)):
                 metrics.CAPTURE_DROPPED.labels("queue").inc()
                 continue
             metrics.CAPTURED.labels(model, reason).inc()
+
+    def _enqueue(self, kept: Kept) -> bool:
+        """Queue for the writer unless the queue is full, in images or in bytes."""
+        with self.lock:
+            if self.queued + len(kept.data) > QUEUE_BYTES:
+                return False
+            try:
+                self.pending.put_nowait(kept)
+            except queue.Full:
+                return False
+            self.queued += len(kept.data)
+        return True
 
     def _reason(self, top: float, label: str) -> str | None:
         if top < self.below:
@@ -158,6 +171,8 @@ class Capture:
         self.used = disk_use(self.folder)
         metrics.CAPTURE_BYTES.set(self.used)
         while (kept := self.pending.get()) is not None:
+            with self.lock:
+                self.queued -= len(kept.data)
             if time.monotonic() - self.scanned > RESCAN_S:  # the other workers write too
                 self.used, self.scanned = disk_use(self.folder), time.monotonic()
             try:

@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--freeze-conv", action="store_true",
         help="with --from: train only the layers after the convolutions",
     )  # fmt: skip
+    train.set_defaults(subparser=train)  # main() refuses a --name missing without --from
     train.add_argument(
         "--data",
         default="mnist",
@@ -390,8 +391,6 @@ def _train(args: argparse.Namespace) -> int:
     _check_writable(args.store)
     if args.source is not None:
         return _fine_tune(args)
-    if args.name is None:
-        raise ValueError("--name is required (or fine-tune a version with --from NAME)")
     if args.freeze_conv:
         raise ValueError("--freeze-conv fine-tunes a version: give --from NAME too")
     if args.data == "mnist":
@@ -646,6 +645,11 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train" and args.name is None and args.source is None:
+        args.subparser.error(
+            "the following arguments are required: --name (or --from NAME[:VERSION] to "
+            "fine-tune a version)"
+        )
     from service.errors import ArchitectureError, CommandError, ModelLoadError, ServiceError
 
     # exit 2: a value given is wrong (usage); exit 1: valid arguments, failed work

@@ -13,9 +13,10 @@ import os
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 PREFIX = "CONVSERVE_"
+N = TypeVar("N", int, float)
 # CONVSERVE_* names that are read by the project's tooling, not by the service
 TOOLING = {
     "CONVSERVE_CHROMIUM": "the page tests' Chromium",
@@ -99,12 +100,20 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _port(text: str) -> int:
-    rule = "must be a port number 0..65535"
-    value = _int(text, rule)
-    if not 0 <= value <= 65535:
-        raise ValueError(rule)
-    return value
+def _within(convert: Callable[[str, str], N], low: N, high: N, rule: str) -> Callable[[str], N]:
+    """A parser for numbers from `low` to `high` (both included) read by `convert`."""
+
+    def parse(text: str) -> N:
+        value = convert(text, rule)
+        if not low <= value <= high:  # NaN too
+            raise ValueError(rule)
+        return value
+
+    return parse
+
+
+_port = _within(_int, 0, 65535, "must be a port number 0..65535")
+_fraction = _within(_float, 0.0, 1.0, "must be a number from 0 to 1")
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
@@ -132,14 +141,6 @@ def _optional_str(text: str) -> str | None:
 
 def _optional_path(text: str) -> Path | None:
     return Path(text) if text.strip() else None
-
-
-def _fraction(text: str) -> float:
-    rule = "must be a number from 0 to 1"
-    value = _float(text, rule)
-    if not 0 <= value <= 1:
-        raise ValueError(rule)
-    return value
 
 
 def _names(text: str) -> tuple[str, ...]:

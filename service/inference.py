@@ -361,11 +361,13 @@ class Requests:
         target: int | None = None,
         paint: bool = False,
         check: Callable[[Route], object] = lambda route: None,
+        capture: bool = True,
     ) -> Classified:
         """Images (bytes to decode, or (C, H, W) arrays already preprocessed) -> one answer
         each, in order, with its heatmap drawn over the picture when `paint`. A request whose
         every image was answered before comes from the response cache. Images the capture
-        rules pick are handed to its writer (service.capture)."""
+        rules pick are handed to its writer (service.capture) unless `capture` is False (the
+        review page looking at what was captured)."""
         digests = await self._digests(items)
         if digests is not None:
             keys = self.answers.keys(first, digests, explain(first), target)
@@ -382,7 +384,7 @@ class Requests:
             keys = self.answers.keys(route, digests, explain(route), target)
             answered = zip(classified.answers, classified.overlays, strict=True)
             self.answers.store(keys, [Cached(a, o) for a, o in answered])
-        if self.capture is not None:
+        if capture and self.capture is not None:
             self._capture(classified, items)
         return classified
 

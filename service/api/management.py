@@ -6,6 +6,8 @@ Off unless CONVSERVE_API_KEY is set; then every call must present the key as
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import hmac
 from typing import Any
 
@@ -34,10 +36,15 @@ CHALLENGE = {"WWW-Authenticate": 'Bearer realm="convserve management"'}
 
 
 def presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    """The key as a bearer token, an X-API-Key header, or the password of HTTP Basic (what a
+    browser sends for a page behind the key, such as /review; the user name is ignored)."""
     authorization = connection.headers.get("authorization", "")
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
+    if scheme.lower() == "basic" and token.strip():
+        with contextlib.suppress(ValueError):
+            return base64.b64decode(token.strip(), validate=True).decode().partition(":")[2]
     return connection.headers.get("x-api-key")
 
 

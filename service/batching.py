@@ -108,6 +108,12 @@ class Batcher:
             self._run(), name=f"batcher {self._labels}"
         )
 
+    def has_room(self, count: int) -> bool:
+        """Whether `count` more images would be admitted now (for work that may be skipped,
+        such as a shadow run, rather than refused)."""
+        queued = len(self._queue) + self._alone + self._incoming
+        return not self._closed and queued + count <= self.max_queue
+
     @contextlib.contextmanager
     def incoming(self, count: int) -> Iterator[Admission]:
         """Admit `count` images of one request, before they are decoded: 503 at once when the

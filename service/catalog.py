@@ -57,6 +57,21 @@ class VersionState:
 
 
 @dataclass(frozen=True)
+class Rollout:
+    """A candidate version tried on the requests that name no version, beside the stable one.
+
+    canary: a `share` of those requests is answered by the candidate. shadow: the stable version
+    answers them all, and the candidate also runs on a `share` of them, unseen by the client,
+    so that its agreement and latency show in /metrics (service.shadowing)."""
+
+    mode: Literal["canary", "shadow"]
+    candidate: int
+    stable: int
+    share: float
+    started: str
+
+
+@dataclass(frozen=True)
 class ModelState:
     """One model's versions, default pin and aliases."""
 
@@ -65,6 +80,7 @@ class ModelState:
     default_version: int | None
     aliases: Mapping[str, int]
     versions: Mapping[int, VersionState]  # by version number
+    rollout: Rollout | None = None
 
     @property
     def loaded(self) -> list[int]:
@@ -119,9 +135,13 @@ class ModelEntry:
     loading: set[int] = field(default_factory=set)
     aliases: dict[str, int] = field(default_factory=dict)
     default_version: int | None = None
+    rollout: Rollout | None = None
 
     def serving_version(self) -> int | None:
-        """The pinned default when it is loaded, else the highest loaded version."""
+        """The stable version of a rollout, else the pinned default when it is loaded, else the
+        highest loaded version (so a candidate loaded above it does not take over)."""
+        if self.rollout is not None and self.rollout.stable in self.deployments:
+            return self.rollout.stable
         if self.default_version in self.deployments:
             return self.default_version
         return max(self.deployments, default=None)
@@ -139,6 +159,7 @@ class ModelEntry:
             default_version=self.default_version,
             aliases=MappingProxyType(dict(self.aliases)),
             versions=MappingProxyType({n: versions[n] for n in sorted(versions)}),
+            rollout=self.rollout,
         )
 
 
@@ -222,6 +243,12 @@ class Catalog:
                 f"v{version} is the only loaded version of {name}; load another version first "
                 "(a configured model always keeps one version serving)"
             )
+        rollout = entry.rollout
+        if rollout is not None and version in (rollout.stable, rollout.candidate):
+            raise ConflictError(
+                f"v{version} is in {name}'s {rollout.mode} rollout (v{rollout.stable} stable, "
+                f"v{rollout.candidate} candidate); promote or roll it back first"
+            )
         deployment = entry.deployments.pop(version)
         for alias, target in list(entry.aliases.items()):
             if target == version:
@@ -236,6 +263,23 @@ class Catalog:
         """Start-up loading has ended: from now on a model without versions is not 'loading'."""
         self._started = True
         self._publish_ready()
+
+    def shadow(
+        self, deployment: Deployment, version: str | int | None, draw: float
+    ) -> Deployment | None:
+        """The candidate that also runs, unseen, on a request that names no version and is
+        answered by the stable one of a shadow rollout (for a `share` of them)."""
+        entry = self._models.get(deployment.classifier.name)
+        rollout = entry.rollout if entry is not None else None
+        if (
+            rollout is None
+            or rollout.mode != "shadow"
+            or version
+            or draw >= rollout.share
+            or deployment.version != rollout.stable
+        ):
+            return None
+        return entry.deployments.get(rollout.candidate) if entry is not None else None
 
     def deployments(self) -> list[Deployment]:
         return [d for entry in self._models.values() for d in entry.deployments.values()]
@@ -266,6 +310,59 @@ class Catalog:
             raise VersionNotFoundError(f"model {name} has no loaded version {version} to alias")
         entry.aliases[alias] = version
 
+    def start_rollout(
+        self, name: str, candidate: int, mode: Literal["canary", "shadow"], share: float
+    ) -> Rollout:
+        """Try `candidate` beside the version serving now (kept as the stable one). A rollout
+        already running for the same candidate changes mode or share and keeps its stable
+        version. The candidate may not be loaded yet: until it serves, the stable one answers
+        (the caller loads it, and abandons the rollout when that fails)."""
+        entry = self._entry(name)
+        current = entry.rollout
+        if current is not None and current.candidate != candidate:
+            raise ConflictError(
+                f"model {name} is already rolling out v{current.candidate}; promote or roll it "
+                "back first"
+            )
+        stable: int | None
+        if current is not None:
+            stable = current.stable
+        elif entry.default_version in entry.deployments and entry.default_version != candidate:
+            stable = entry.default_version
+        else:
+            stable = max((v for v in entry.deployments if v != candidate), default=None)
+        if stable is None:
+            raise ConflictError(
+                f"model {name} has no other loaded version to keep serving beside v{candidate}"
+            )
+        if current is not None and current.mode != mode:
+            metrics.ROLLOUT_SHARE.labels(name, str(candidate), current.mode).set(0)
+        entry.rollout = Rollout(mode, candidate, stable, share, now_iso())
+        metrics.ROLLOUT_SHARE.labels(name, str(candidate), mode).set(share)
+        self._changed()
+        return entry.rollout
+
+    def end_rollout(self, name: str, promote: bool) -> Rollout:
+        """Promote (the candidate becomes the pinned default) or roll back (the stable version
+        is pinned). One assignment each on the event loop: no request sees a mix."""
+        entry = self._entry(name)
+        rollout = entry.rollout
+        if rollout is None:
+            raise ConflictError(f"model {name} has no rollout to end")
+        if promote and rollout.candidate not in entry.deployments:
+            raise ConflictError(f"v{rollout.candidate} of {name} is not loaded; roll it back")
+        entry.default_version = rollout.candidate if promote else rollout.stable
+        self.abandon_rollout(name)
+        return rollout
+
+    def abandon_rollout(self, name: str) -> None:
+        """Forget the rollout and change nothing else (its candidate failed to load)."""
+        entry = self._entry(name)
+        if entry.rollout is not None:
+            rollout, entry.rollout = entry.rollout, None
+            metrics.ROLLOUT_SHARE.labels(name, str(rollout.candidate), rollout.mode).set(0)
+            self._changed()
+
     def delete_alias(self, name: str, alias: str) -> None:
         entry = self._entry(name)
         if entry.aliases.pop(alias, None) is None:
@@ -273,10 +370,20 @@ class Catalog:
 
     # ---- routing ---------------------------------------------------------------------------
 
-    def resolve(self, name: str | None, version: str | int | None) -> Deployment:
-        """The deployment a request names; 404 for unknown names, 503 while not ready."""
+    def resolve(self, name: str | None, version: str | int | None, draw: float = 1.0) -> Deployment:
+        """The deployment a request names; 404 for unknown names, 503 while not ready.
+        `draw` (0..1, one per request) picks the canary for a request that names no version."""
         entry = self._entry(name)
         number = self._version_number(entry, version)
+        rollout = entry.rollout
+        if (
+            rollout is not None
+            and rollout.mode == "canary"
+            and not version
+            and draw < rollout.share
+            and rollout.candidate in entry.deployments
+        ):
+            return entry.deployments[rollout.candidate]
         deployment = entry.deployments.get(number)
         if deployment is not None:
             return deployment

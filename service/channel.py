@@ -40,12 +40,14 @@ class Hello(msgspec.Struct, tag=True):
 class Resolve(msgspec.Struct, tag=True):
     name: str | None
     version: str | None
+    draw: float = 1.0  # the request's rollout draw (service.inference.rollout_draw)
 
 
 class Admit(msgspec.Struct, tag=True):
     name: str | None
     version: str | None
     count: int
+    draw: float = 1.0
 
 
 class Run(msgspec.Struct, tag=True):

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import math
+import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -48,6 +52,22 @@ log = logging.getLogger("convserve")
 T = TypeVar("T")
 OFF_LOOP_BYTES = 1 << 20  # images above this, all together, are hashed in a worker thread
 IMAGE_ID = re.compile(r"[0-9a-f]{64}")  # a kept image's sha256, in hex
+DRAW: ContextVar[float | None] = ContextVar("convserve_rollout_draw", default=None)
+_GOLDEN = (math.sqrt(5) - 1) / 2
+_draws = itertools.count()
+_first_draw = random.random()
+
+
+def rollout_draw() -> float:
+    """This request's draw (0..1) for a rollout's canary share and shadow sample. It is made
+    once per request, so routing before and after the body is read agrees. The draws of a
+    process are an evenly spread sequence (golden-ratio steps), so a 10% canary gets 10% of any
+    run of requests, not only on average."""
+    draw = DRAW.get()
+    if draw is None:
+        draw = (_first_draw + next(_draws) * _GOLDEN) % 1.0
+        DRAW.set(draw)
+    return draw
 
 
 async def gather_first_error(futures: Sequence[asyncio.Future[T]]) -> list[T]:
@@ -155,7 +175,9 @@ class Models(Protocol):
         """Every version loaded now, as (model, version, instance)."""
         ...
 
-    async def route(self, name: str | None, version: str | None) -> Route: ...
+    async def route(self, name: str | None, version: str | None, draw: float = 1.0) -> Route:
+        """The version a request reaches; `draw` is its rollout_draw() (1.0: never a canary)."""
+        ...
 
     async def keep(self, digest: bytes, data: bytes) -> bool:
         """Hold an image for later requests that name it (False: not held, over the bounds)."""
@@ -164,7 +186,7 @@ class Models(Protocol):
     async def kept(self, digest: bytes) -> bytes | None: ...
 
     def admit(
-        self, name: str | None, version: str | None, count: int
+        self, name: str | None, version: str | None, count: int, draw: float = 1.0
     ) -> AbstractAsyncContextManager[Ticket]:
         """Resolve the version and take `count` queue places (503 when full)."""
         ...
@@ -327,7 +349,7 @@ class Requests:
     ) -> tuple[Route, T]:
         """Route and run the adapter's checks before the body arrives (a 404 or 503 costs the
         client no upload), then read it. classify() resolves again: a swap may land meanwhile."""
-        route = await self.models.route(name, version)
+        route = await self.models.route(name, version, rollout_draw())
         check(route)
         with tracing.span("read body"):
             return route, await read()
@@ -424,7 +446,7 @@ class Requests:
     ) -> Classified:
         """Decode and run. The queue places are taken before decoding, so a flood is refused
         before it costs a decode, and a forming batch knows these images are coming."""
-        async with self.models.admit(first.name, version, len(items)) as ticket:
+        async with self.models.admit(first.name, version, len(items), rollout_draw()) as ticket:
             route = ticket.route
             if _moved(first, route):
                 check(route)
@@ -484,7 +506,7 @@ class Requests:
     ) -> tuple[Route, bytes]:
         """The explorer: decode one image, then its own pass through the model, admitted on
         the version's queue (so retiring the version waits for it)."""
-        async with self.models.admit(first.name, version, 1) as ticket:
+        async with self.models.admit(first.name, version, 1, rollout_draw()) as ticket:
             route = ticket.route
             if _moved(first, route):
                 check(route)

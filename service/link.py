@@ -203,8 +203,8 @@ class RemoteModels:
 
     # ---- Models -------------------------------------------------------------------------------
 
-    async def route(self, name: str | None, version: str | None) -> Route:
-        return await self._call(Resolve(name, version), Route)
+    async def route(self, name: str | None, version: str | None, draw: float = 1.0) -> Route:
+        return await self._call(Resolve(name, version, draw), Route)
 
     async def keep(self, digest: bytes, data: bytes) -> bool:
         return await self._call(Keep(digest, data), bool)
@@ -214,9 +214,9 @@ class RemoteModels:
 
     @asynccontextmanager
     async def admit(
-        self, name: str | None, version: str | None, count: int
+        self, name: str | None, version: str | None, count: int, draw: float = 1.0
     ) -> AsyncIterator[RemoteTicket]:
-        admitted = await self._call(Admit(name, version, count), Admitted)
+        admitted = await self._call(Admit(name, version, count, draw), Admitted)
         ticket = RemoteTicket(admitted.route, admitted.ticket, self._connection)
         try:
             yield ticket

@@ -20,6 +20,7 @@ from service.errors import InferenceError, ModelLoadError
 from service.inference import Answer, Explain, Route, Ticket
 from service.lru import Lru
 from service.memory import Trimmer
+from service.shadowing import Shadows
 
 KEPT_IMAGES = 64  # the page keeps one per picture shown; 64 serve a few people at once
 
@@ -29,6 +30,7 @@ class LocalTicket:
     route: Route
     deployment: Deployment
     admission: Admission
+    shadow: Deployment | None = None  # a shadow rollout's candidate, to run these images too
 
 
 def _local(ticket: Ticket) -> LocalTicket:
@@ -54,6 +56,7 @@ class LocalModels:
         self.images: Lru[bytes, bytes] = Lru(KEPT_IMAGES, settings.cache_mb << 20, len)
         # gradients and layer maps: much memory, given back once such answers go quiet
         self.trimmer = Trimmer()
+        self.shadows = Shadows(settings.deadline_s)
 
     @property
     def ready(self) -> bool:
@@ -69,17 +72,18 @@ class LocalModels:
     async def kept(self, digest: bytes) -> bytes | None:
         return self.images.get(digest)
 
-    async def route(self, name: str | None, version: str | None) -> Route:
-        return self.catalog.resolve(name, version).route
+    async def route(self, name: str | None, version: str | None, draw: float = 1.0) -> Route:
+        return self.catalog.resolve(name, version, draw).route
 
     @asynccontextmanager
     async def admit(
-        self, name: str | None, version: str | None, count: int
+        self, name: str | None, version: str | None, count: int, draw: float = 1.0
     ) -> AsyncIterator[LocalTicket]:
-        deployment = self.catalog.resolve(name, version)
+        deployment = self.catalog.resolve(name, version, draw)
+        shadow = self.catalog.shadow(deployment, version, draw)
         # no await between routing and admission: a version being retired waits for this one
         with deployment.batcher.incoming(count) as admission:
-            yield LocalTicket(deployment.route, deployment, admission)
+            yield LocalTicket(deployment.route, deployment, admission, shadow)
 
     async def run(
         self,
@@ -96,7 +100,10 @@ class LocalModels:
             await _network(local.deployment.classifier)
         jobs = batcher.submit(local.admission, arrays, deadline, explain, target, trace)
         try:
-            return await batcher.results(jobs, deadline)
+            answers = await batcher.results(jobs, deadline)
+            if local.shadow is not None:  # before returning: the arrays' memory is reused
+                self.shadows.offer(local.shadow, arrays, answers, local.route.labels)
+            return answers
         finally:
             if explain is not None:
                 self.trimmer.soon()
@@ -118,3 +125,4 @@ class LocalModels:
 
     async def stop(self) -> None:
         self.trimmer.cancel()
+        await self.shadows.stop()

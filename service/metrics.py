@@ -140,6 +140,35 @@ CAPTURE_BYTES = Gauge(
     multiprocess_mode="livemax",
 )
 
+ROLLOUT_SHARE = Gauge(
+    "convserve_rollout_share",
+    "A running rollout: the share of the requests naming no version that the candidate answers "
+    "(canary) or also runs on (shadow); 0 once it ends",
+    ["model", "version", "mode"],
+    multiprocess_mode="livemax",
+)
+SHADOW_IMAGES = Counter(
+    "convserve_shadow_images",
+    "Images a shadow candidate also classified, unseen by the client",
+    ["model", "version"],
+)
+SHADOW_AGREED = Counter(
+    "convserve_shadow_agreed",
+    "Shadow images whose top-1 label matched the serving version's",
+    ["model", "version"],
+)
+SHADOW_SECONDS = Histogram(
+    "convserve_shadow_seconds",
+    "A shadow candidate's time per request, from its queue to its answer",
+    ["model", "version"],
+    buckets=LATENCY_BUCKETS,
+)
+SHADOW_SKIPPED = Counter(
+    "convserve_shadow_skipped",
+    "Requests the shadow candidate did not run (reason: queue, deadline, error)",
+    ["model", "reason"],
+)
+
 
 def render(accept: str) -> tuple[bytes, str]:
     """The exposition format the scraper asks for (prometheus-client negotiates it), from this

@@ -134,7 +134,7 @@ class Session:
 
     async def _run(self, body: object) -> object:
         if isinstance(body, Resolve):
-            return await self.models.route(body.name, body.version)
+            return await self.models.route(body.name, body.version, body.draw)
         if isinstance(body, Admit):
             return await self._admit(body)
         if isinstance(body, Run):
@@ -152,7 +152,7 @@ class Session:
         raise ServiceError(f"unknown call {type(body).__name__}")
 
     async def _admit(self, body: Admit) -> Admitted:
-        admission = self.models.admit(body.name, body.version, body.count)
+        admission = self.models.admit(body.name, body.version, body.count, body.draw)
         ticket = await admission.__aenter__()
         number = next(self._ids)
         self.tickets[number] = (admission, ticket)

@@ -330,3 +330,20 @@ def model_files(root: Path) -> None:
     labels = [f"kind {index}" for index in range(10)]
     (root / "labels.txt").write_text("\n".join(labels))
     (root / "labels.json").write_text(json.dumps(labels))
+
+
+def digits_versions(root: Path, relabelled: tuple[int, ...] = ()) -> Path:
+    """A store at `root` holding the bundled digits network as v1 and v2 (and v3 with
+    `relabelled=(3,)`...): each a copy of it, except that the versions in `relabelled` name
+    their classes backwards ('9' for class 0), so that they disagree with v1 on every image."""
+    import shutil
+
+    count = 2 + sum(1 for v in relabelled if v > 2)
+    for version in range(1, count + 1):
+        folder = root / "digits" / str(version)
+        shutil.copytree(BUNDLED_STORE / "digits" / "1", folder)
+        if version in relabelled:
+            spec = json.loads((folder / "model.json").read_text())
+            spec["labels"] = spec["labels"][::-1]
+            (folder / "model.json").write_text(json.dumps(spec, indent=2))
+    return root

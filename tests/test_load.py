@@ -23,6 +23,7 @@ from tests.support import (
     ServerProcess,
     child_pids,
     digit_picture,
+    digits_versions,
     held_out_digits,
     metric_value,
     png_bytes,
@@ -235,15 +236,27 @@ def test_thousands_of_concurrent_requests_each_get_their_own_answer(tmp_path: Pa
     assert images / batches > 1.5  # the concurrent phase was served in real batches
 
 
-@pytest.mark.parametrize("workers", ["0", "2"])
-def test_sigterm_mid_load_loses_nothing(tmp_path: Path, workers: str) -> None:
+@pytest.mark.parametrize(
+    ("workers", "rollout"), [("0", None), ("2", None), ("2", "canary"), ("2", "shadow")]
+)
+def test_sigterm_mid_load_loses_nothing(tmp_path: Path, workers: str, rollout: str | None) -> None:
+    """Also while a rollout runs: a canary answering half, or a shadow running on every request
+    (the candidate is a copy of the stable version, so every answer is still right)."""
     bodies = [png_bytes(d.image) for d in held_out_digits(20)]
     labels = [d.label for d in held_out_digits(20)]
     outcomes: list[tuple[str, int, Any]] = []
     readiness: list[int] = []
     stop = threading.Event()
     env = {"CONVSERVE_LOG_FORMAT": "json", "CONVSERVE_WORKERS": workers}
+    if rollout is not None:
+        env |= {"CONVSERVE_STORE": str(digits_versions(tmp_path / "store")),
+                "CONVSERVE_API_KEY": "k", "CONVSERVE_MODELS": "digits"}  # fmt: skip
     with running_server(tmp_path, env) as server:
+        if rollout is not None:
+            plan = {"version": 2, "mode": rollout, "share": 0.5 if rollout == "canary" else 1.0}
+            started = httpx.put(f"{server.url}/models/digits/rollout", json=plan,
+                                headers={"X-API-Key": "k"}, timeout=30)  # fmt: skip
+            assert started.status_code == 200, started.text
 
         def client_loop(offset: int) -> None:
             index = offset
@@ -300,6 +313,8 @@ def test_sigterm_mid_load_loses_nothing(tmp_path: Path, workers: str) -> None:
     assert len(ok) > 50
     for index, response in ok:
         assert top(response.json())[0] == labels[index]
+    answering = {response.json()["model"]["version"] for _, response in ok}
+    assert answering == ({1, 2} if rollout == "canary" else {1})
     for response in refused:
         assert response.status_code == 503
         assert response.json()["title"] == "Shutting down"

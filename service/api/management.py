@@ -196,13 +196,17 @@ async def delete_alias(
     return changed(runtime, name)
 
 
-management = Router(
-    path="/",
-    guards=[require_api_key],
-    route_handlers=[
-        list_store, load_version, reload_version, unload_version, set_default, set_alias,
-        delete_alias,
-    ],
-    tags=["management"],
-    security=[{"apiKey": []}],
-)  # fmt: skip
+def management_router() -> Router:
+    """Every management route, behind the key (rollouts live in service.api.rollouts)."""
+    from service.api import rollouts
+
+    return Router(
+        path="/",
+        guards=[require_api_key],
+        route_handlers=[
+            list_store, load_version, reload_version, unload_version, set_default, set_alias,
+            delete_alias, rollouts.start_rollout, rollouts.promote, rollouts.rollback,
+        ],
+        tags=["management"],
+        security=[{"apiKey": []}],
+    )  # fmt: skip

@@ -17,6 +17,7 @@ from service.api.schemas import (
     ModelCard,
     ModelList,
     ModelStatus,
+    RolloutStatus,
     VersionStatus,
 )
 from service.catalog import Deployment, ModelState, VersionState
@@ -51,6 +52,9 @@ def model_status(model: ModelState) -> ModelStatus:
         default_version=model.default_version,
         aliases=dict(model.aliases),
         versions=[version_status(v) for v in model.versions.values()],
+        rollout=None
+        if model.rollout is None
+        else RolloutStatus(**dataclasses.asdict(model.rollout)),
     )
 
 

@@ -28,8 +28,8 @@ def request_routes() -> list[ControllerRouterHandler]:
 def model_routes() -> list[ControllerRouterHandler]:
     """Model list and cards, readiness per model, V2 model metadata, the management API."""
     from service.api import models, readiness
-    from service.api.management import management
+    from service.api.management import management_router
     from service.api.v2_models import v2_models
 
     return [models.list_models, models.card, models.card_version, readiness.ready, v2_models,
-            management]  # fmt: skip
+            management_router()]  # fmt: skip

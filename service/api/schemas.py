@@ -61,6 +61,17 @@ class VersionStatus(msgspec.Struct, omit_defaults=True):
     error: str | None = None
 
 
+class RolloutStatus(msgspec.Struct):
+    """A candidate tried beside the stable version (canary: answers `share` of the requests
+    that name no version; shadow: also runs on `share` of them, unseen)."""
+
+    mode: str  # canary | shadow
+    candidate: int
+    stable: int
+    share: float
+    started: str
+
+
 class ModelStatus(msgspec.Struct):
     name: str
     ready: bool
@@ -68,6 +79,7 @@ class ModelStatus(msgspec.Struct):
     default_version: int | None
     aliases: dict[str, int]
     versions: list[VersionStatus]
+    rollout: RolloutStatus | None = None
 
 
 class ModelList(msgspec.Struct):

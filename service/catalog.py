@@ -9,7 +9,7 @@ so a request sees either the old state or the new one. No torch here: it only ro
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal
 
 from service import metrics
+from service.catalog_status import CatalogStatus, ModelState, Rollout, Serving, VersionState
 from service.errors import (
     ConflictError,
     InvalidParameterError,
@@ -32,73 +33,6 @@ if TYPE_CHECKING:
     from service.inference import Route
 
 ALIAS_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
-
-
-@dataclass(frozen=True)
-class Serving:
-    """What a loaded version runs as."""
-
-    architecture: str
-    device: str
-    engine: str
-    accuracy: float | None
-    load_seconds: float
-    loaded_at: str
-
-
-@dataclass(frozen=True)
-class VersionState:
-    """One version: ready beats loading beats failed when more than one holds."""
-
-    version: int
-    state: Literal["ready", "loading", "failed"]
-    reason: str | None = None  # why its last load failed: a failed reload leaves it ready
-    serving: Serving | None = None  # set when ready
-
-
-@dataclass(frozen=True)
-class Rollout:
-    """A candidate version tried on the requests that name no version, beside the stable one.
-
-    canary: a `share` of those requests is answered by the candidate. shadow: the stable version
-    answers them all, and the candidate also runs on a `share` of them, unseen by the client,
-    so that its agreement and latency show in /metrics (service.shadowing)."""
-
-    mode: Literal["canary", "shadow"]
-    candidate: int
-    stable: int
-    share: float
-    started: str
-
-
-@dataclass(frozen=True)
-class ModelState:
-    """One model's versions, default pin and aliases."""
-
-    name: str
-    serving_version: int | None
-    default_version: int | None
-    aliases: Mapping[str, int]
-    versions: Mapping[int, VersionState]  # by version number
-    rollout: Rollout | None = None
-
-    @property
-    def loaded(self) -> list[int]:
-        """The versions ready to serve, lowest first."""
-        return [number for number, v in self.versions.items() if v.state == "ready"]
-
-    @property
-    def ready(self) -> bool:
-        return bool(self.loaded)
-
-
-@dataclass(frozen=True)
-class CatalogStatus:
-    """A snapshot for readers: later changes to the catalog do not show in it."""
-
-    ready: bool
-    configured: tuple[str, ...]  # the models readiness waits for, in configured order
-    models: Mapping[str, ModelState]  # in the order they were first seen
 
 
 @dataclass(eq=False)

@@ -20,7 +20,8 @@ from service.api.schemas import (
     RolloutStatus,
     VersionStatus,
 )
-from service.catalog import Deployment, ModelState, VersionState
+from service.catalog import Deployment
+from service.catalog_status import ModelState, VersionState
 from service.graph_files import heatmaps_unavailable
 
 CARD_PROBLEMS = problems(404, 503)

@@ -72,7 +72,9 @@ class RolloutStatus(msgspec.Struct):
     started: str
 
 
-class ModelStatus(msgspec.Struct):
+class ModelStatus(msgspec.Struct, omit_defaults=True):
+    """`rollout` shows only while one runs."""
+
     name: str
     ready: bool
     serving_version: int | None

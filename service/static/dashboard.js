@@ -40,6 +40,14 @@ const charts = {
     { key: "captured", name: "kept", colour: "#2e8b57" },
     { key: "dropped", name: "dropped", colour: "#c0392b" },
   ], "/min"),
+  shadow: new Chart($("chart-shadow"), [
+    { key: "agreement", name: "top-1 agreement", colour: "#2e8b57" },
+  ], "%", (v) => v.toFixed(1)),
+  shadowLatency: new Chart($("chart-shadow-latency"), [
+    { key: "shadowP50", name: "candidate p50", colour: "#8e44ad" },
+    { key: "shadowP95", name: "candidate p95", colour: "#c0392b" },
+    { key: "inference", name: "serving inference p95", colour: "#1f5fbf" },
+  ], "ms", (v) => v.toFixed(2)),
   errors: new Chart($("chart-errors"), [
     { key: "errors5xx", name: "5xx", colour: "#c0392b" },
     { key: "errors4xx", name: "4xx", colour: "#d98c00" },
@@ -68,6 +76,7 @@ function interval(a, b) {
   const lookups = (result) => increase(a, b, "convserve_cache_lookups_total", (labels) => labels.result === result);
   const hits = lookups("hit");
   const looked = hits + lookups("miss");
+  const shadowed = increase(a, b, "convserve_shadow_images_total");
   return {
     time: b.time,
     rate: requests / seconds,
@@ -91,6 +100,12 @@ function interval(a, b) {
     captured: (60 * increase(a, b, "convserve_captures_total")) / seconds,
     dropped: (60 * increase(a, b, "convserve_capture_dropped_total")) / seconds,
     capturedTotal: b.sum("convserve_captures_total"),
+    agreement: shadowed ? (100 * increase(a, b, "convserve_shadow_agreed_total")) / shadowed : null,
+    shadowP50: percentile(0.5, a, b, "convserve_shadow_seconds"),
+    shadowP95: percentile(0.95, a, b, "convserve_shadow_seconds"),
+    rollouts: b.samples
+      .filter((s) => s.name === "convserve_rollout_share" && s.value > 0)
+      .map((s) => `${s.labels.model} v${s.labels.version}: ${s.labels.mode} ${Math.round(100 * s.value)}%`),
   };
 }
 
@@ -124,7 +139,7 @@ function render() {
   const now = history[history.length - 1].time;
   // the time axis grows with the history this page has, from one minute up to the window
   const span = Math.min(Math.max(now - history[0].time, 60), WINDOW);
-  for (const key of ["rate", "latency", "stages", "batch", "queue", "cache", "capture", "errors"]) {
+  for (const key of ["rate", "latency", "stages", "batch", "queue", "cache", "capture", "shadow", "shadowLatency", "errors"]) {
     charts[key].lines(points, now, span);
   }
   charts.sizes.bars(batchSizes());
@@ -137,6 +152,8 @@ function render() {
   $("stat-inflight").textContent = show(latest.inflight, 0);
   $("stat-cache").textContent = show(latest.hitRate, 0, "%");
   $("stat-captured").textContent = show(latest.capturedTotal, 0);
+  $("stat-rollout").textContent = latest.rollouts.join("; ") || "none";
+  $("stat-agreement").textContent = show(latest.agreement, 1, "%");
   $("updated").textContent = `Updated ${new Date(now * 1000).toLocaleTimeString()}; ${points.length} readings in the window.`;
   $("updated").dataset.readings = String(points.length);
 }

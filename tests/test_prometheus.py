@@ -23,6 +23,7 @@ import yaml
 
 from tests.support import (
     ARTIFACTS,
+    BUNDLED_STORE,
     ROOT,
     free_port,
     held_out_digits,
@@ -133,8 +134,19 @@ def drive_traffic(url: str) -> tuple[list[float], int]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A server of the bundled models (digits with a copy as v2 in shadow, so the rollout panels
+    have data; a sample of the traffic captured) scraped by a real Prometheus."""
     tmp = tmp_path_factory.mktemp("prometheus")
-    with running_server(tmp, {"CONVSERVE_MAX_QUEUE": "16"}) as server:
+    store = tmp / "store"
+    shutil.copytree(BUNDLED_STORE, store)
+    shutil.copytree(store / "digits" / "1", store / "digits" / "2")
+    env = {"CONVSERVE_MAX_QUEUE": "16", "CONVSERVE_STORE": str(store), "CONVSERVE_API_KEY": "k",
+           "CONVSERVE_CAPTURE_DIR": str(tmp / "captured"),
+           "CONVSERVE_CAPTURE_RATE": "0.2"}  # fmt: skip
+    with running_server(tmp, env) as server:
+        shadow = httpx.put(f"{server.url}/models/digits/rollout", headers={"X-API-Key": "k"},
+                           json={"version": 2, "mode": "shadow"}, timeout=30)  # fmt: skip
+        assert shadow.status_code == 200, shadow.text
         target = server.url.removeprefix("http://")
         process, prometheus = start_prometheus(tmp, target)
         try:
@@ -190,6 +202,8 @@ def test_dashboard_covers_what_operators_need() -> None:
         "confidence",
         "model info",
         "response cache",
+        "captured for review",
+        "shadow rollout",
     ):
         assert needed in titles
 

@@ -340,6 +340,10 @@ class Requests:
         self.decoders.close()
         self.painters.shutdown(wait=False, cancel_futures=True)
 
+    async def route(self, name: str | None, version: str | None) -> Route:
+        """The version this request reaches, drawn once for a rollout's canary (rollout_draw)."""
+        return await self.models.route(name, version, rollout_draw())
+
     async def route_body(
         self,
         name: str | None,
@@ -349,7 +353,7 @@ class Requests:
     ) -> tuple[Route, T]:
         """Route and run the adapter's checks before the body arrives (a 404 or 503 costs the
         client no upload), then read it. classify() resolves again: a swap may land meanwhile."""
-        route = await self.models.route(name, version, rollout_draw())
+        route = await self.route(name, version)
         check(route)
         with tracing.span("read body"):
             return route, await read()

@@ -229,7 +229,7 @@ class Inference(GRPCInferenceServiceServicer):
         if remaining is not None:  # the client's own deadline, when sooner
             deadline = min(deadline, now + remaining)
         version = request.model_version or None
-        first = await requests.models.route(request.model_name or None, version)
+        first = await requests.route(request.model_name or None, version)
         facts.update(model=first.name, version=first.version)
         limits = Limits(requests.settings.max_images, first.input_shape, len(first.labels))
         if sum(len(raw) for raw in request.raw_input_contents) > OFF_LOOP_BYTES:

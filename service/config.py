@@ -226,6 +226,7 @@ class Settings:
     capture_rate: float = 0.0
     capture_per_minute: int = 60
     capture_mb: int = 1024
+    dataset_dir: Path | None = None
 
     @classmethod
     def from_env(
@@ -261,6 +262,15 @@ class Settings:
         return {env_name(f.name): _text(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @property
+    def labelled_dir(self) -> Path | None:
+        """Where the review page files labelled captures: CONVSERVE_DATASET_DIR, else a sibling
+        of the capture dir (`captured` -> `captured-labelled`); None with capture off."""
+        if self.dataset_dir is not None or self.capture_dir is None:
+            return self.dataset_dir
+        capture = self.capture_dir.absolute()
+        return capture.with_name(f"{capture.name}-labelled")
+
+    @property
     def max_delay_s(self) -> float:
         return self.max_delay_ms / 1000.0
 
@@ -285,6 +295,8 @@ def default_text(field_name: str) -> str:
         return "auto"
     if field_name == "cache_dir":
         return "$XDG_CACHE_HOME/convserve"
+    if field_name == "dataset_dir":
+        return "<capture dir>-labelled"
     return _text(getattr(Settings(), field_name)) or "none"
 
 
@@ -345,6 +357,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "capture_rate": _fraction,
     "capture_per_minute": _non_negative_int,
     "capture_mb": _non_negative_int,
+    "dataset_dir": _optional_path,
 }
 
 HELP: dict[str, str] = {
@@ -409,4 +422,8 @@ HELP: dict[str, str] = {
     "capture_rate": "capture this share (0..1) of all other classified images",
     "capture_per_minute": "most images captured per minute, over all workers",
     "capture_mb": "disk the captured images and their sidecars may use",
+    "dataset_dir": (
+        "where the review page files labelled captures, one folder per label, as `convserve "
+        "train --data` reads (never inside the store or the capture dir)"
+    ),
 }

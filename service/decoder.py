@@ -23,6 +23,7 @@ from service.imaging import (
     DecodeLimits,
     PreparedImage,
     configure_decoding,
+    png_image,
     prepare_image,
     warm_up_decoding,
 )
@@ -52,7 +53,7 @@ class DecoderConfig(msgspec.Struct, frozen=True):
 
 class DecodeJob(msgspec.Struct, array_like=True):
     data: bytes
-    spec: InputSpec
+    spec: InputSpec | None  # None: re-encode the picture as a PNG (a reviewed capture)
     keep_display: bool
 
 
@@ -67,6 +68,7 @@ class Decoded(msgspec.Struct, array_like=True):
     error: str = ""  # a ServiceError subclass name from service.errors
     detail: str = ""
     exiting: bool = False  # the decoder stops after this answer (it ran out of memory)
+    png: bytes = b""  # the answer to a PNG job
 
 
 def encode_prepared(prepared: PreparedImage) -> Decoded:
@@ -107,8 +109,11 @@ def set_ceiling(memory_mb: int) -> None:
 
 
 def _answer(job: DecodeJob, config: DecoderConfig) -> Decoded:
-    """The image prepared, or why not; after a MemoryError the decoder exits and is replaced."""
+    """The image prepared (or as a PNG), or why not; after a MemoryError the decoder exits and
+    is replaced."""
     try:
+        if job.spec is None:
+            return Decoded(png=png_image(job.data, config.limits))
         prepared = prepare_image(job.data, job.spec, config.limits, keep_display=job.keep_display)
         return encode_prepared(prepared)
     except ServiceError as exc:

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from typing import cast
 
 import msgspec
 from prometheus_client import Histogram
@@ -55,7 +56,7 @@ ERRORS: dict[str, type[ServiceError]] = {
 }
 
 
-def _retrieve(future: asyncio.Future[PreparedImage]) -> None:
+def _retrieve(future: asyncio.Future[PreparedImage | bytes]) -> None:
     """Mark an outcome as seen, so asyncio does not log it as an exception never retrieved."""
     if not future.cancelled():
         future.exception()
@@ -71,8 +72,9 @@ class Work:
     job: bytes  # an encoded DecodeJob
     deadline: float  # time.monotonic()
     timing: Histogram | None = None  # decode + preprocess seconds, observed per image
-    future: Future[PreparedImage] = field(default_factory=Future)
+    future: Future[PreparedImage | bytes] = field(default_factory=Future)  # bytes: a PNG job
     cancelled: bool = False
+    png: bool = False
 
 
 class Child:
@@ -165,6 +167,20 @@ class DecodePool:
             Work(owner, self._jobs.encode(DecodeJob(data, spec, keep_display)), deadline, timing)
             for data in images
         ]
+        return cast("list[PreparedImage]", await self._decode(works, deadline, labels))
+
+    async def png(self, data: bytes, deadline: float) -> bytes:
+        """One image re-encoded as a PNG in a decoder, under the same ceiling and limits as a
+        prediction's (the review page keeps labelled captures this way)."""
+        job = self._jobs.encode(DecodeJob(data, None, keep_display=False))
+        (encoded,) = await self._decode([Work(Owner(), job, deadline, png=True)], deadline)
+        return cast("bytes", encoded)
+
+    async def _decode(
+        self, works: list[Work], deadline: float, labels: Sequence[str] = ()
+    ) -> list[PreparedImage | bytes]:
+        """Queue one owner's works and wait for every answer, in order."""
+        owner = works[0].owner
         with self._lock:
             if self._closed:
                 raise ShuttingDownError("the server is shutting down; retry", retry_after=1)
@@ -180,7 +196,7 @@ class DecodePool:
             raise DeadlineExceededError(DECODE_DEADLINE) from None
         finally:
             self.cancel(owner)  # whatever is still queued or running stops now
-        results: list[PreparedImage] = []
+        results: list[PreparedImage | bytes] = []
         for index, future in enumerate(waiting):
             if not future.done() or future.cancelled():
                 continue  # stopped because another image of this request failed
@@ -289,7 +305,7 @@ class DecodePool:
             return
         if work.timing is not None:
             work.timing.observe(time.perf_counter() - started)
-        self._settle(work, decode_prepared(answer))
+        self._settle(work, answer.png if work.png else decode_prepared(answer))
 
     def _stop_reason(self, work: Work) -> str | None:
         if work.deadline <= time.monotonic():
@@ -314,7 +330,7 @@ class DecodePool:
                 log.error("decoder %d did not restart (%s); the next image retries", slot, exc)
 
     @staticmethod
-    def _settle(work: Work, outcome: PreparedImage | BaseException) -> None:
+    def _settle(work: Work, outcome: PreparedImage | bytes | BaseException) -> None:
         if work.future.done():
             return
         with contextlib.suppress(Exception):  # cancelled meanwhile by its caller

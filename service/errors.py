@@ -9,7 +9,10 @@
     ├── NotFoundError (404)
     │   ├── ModelNotFoundError
     │   ├── VersionNotFoundError
-    │   └── LayerNotFoundError
+    │   ├── LayerNotFoundError
+    │   ├── ImageNotHeldError
+    │   ├── CaptureOffError
+    │   └── CaptureNotFoundError
     ├── NotAcceptableError (406)
     ├── RequestTimeoutError (408)
     ├── PayloadTooLargeError (413)
@@ -131,6 +134,20 @@ class LayerNotFoundError(NotFoundError):
 class ImageNotHeldError(NotFoundError):
     title = "Image not held"
     slug = "image-not-held"
+
+
+class CaptureOffError(NotFoundError):
+    """The review page was opened on a server that captures nothing (no CONVSERVE_CAPTURE_DIR)."""
+
+    title = "Capture is off"
+    slug = "capture-off"
+
+
+class CaptureNotFoundError(NotFoundError):
+    """No such captured image waits for review (never captured, or reviewed already)."""
+
+    title = "Capture not found"
+    slug = "capture-not-found"
 
 
 class RequestTimeoutError(ServiceError):

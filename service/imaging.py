@@ -280,6 +280,14 @@ def _display(image: Image.Image) -> Image.Image:
     return shown.convert("RGB")
 
 
+def png_image(data: bytes, limits: DecodeLimits) -> bytes:
+    """The picture as an 8-bit PNG (first frame, EXIF orientation applied, L or RGB with
+    transparency on white): how a labelled image is kept for training, readable by any loader."""
+    out = io.BytesIO()
+    to_visible(decode_image(data, limits)).save(out, format="PNG")
+    return out.getvalue()
+
+
 def warm_up_decoding(spec: InputSpec, limits: DecodeLimits) -> None:
     """Decode one JPEG and one PNG (those allowed) the way requests will: Pillow loads its codecs
     lazily, and the first image would otherwise pay for that (about 20 ms)."""

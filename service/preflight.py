@@ -10,6 +10,8 @@ watched needs no such setting. No torch here: the supervisor runs this.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from service.config import Settings, SettingsError
 from service.spec import NAME_PATTERN, stored_names, stored_versions
 
@@ -21,16 +23,31 @@ def servable_names(settings: Settings) -> list[str]:
     return [name for name in stored_names(settings.store) if stored_versions(settings.store, name)]
 
 
+def _overlaps(one: Path, other: Path) -> bool:
+    return one == other or one in other.parents or other in one.parents
+
+
 def check_capture(settings: Settings) -> None:
-    """The capture dir holds what users send: never the store, whose every file is verified."""
-    capture = settings.capture_dir
-    if capture is None:
-        return
-    store, folder = settings.store.resolve(), capture.resolve()
-    if folder == store or store in folder.parents or folder in store.parents:
+    """The capture dir holds what users send: never the store, whose every file is verified.
+    The dataset the review page writes neither: nor the capture dir, which it empties."""
+    capture, dataset = settings.capture_dir, settings.labelled_dir
+    store = settings.store.resolve()
+    if capture is not None and _overlaps(capture.resolve(), store):
         raise SettingsError(
             f"CONVSERVE_CAPTURE_DIR={str(capture)!r} (--capture-dir): it overlaps the model store "
             f"{store}; captured images must go elsewhere"
+        )
+    if dataset is None:
+        return
+    where = f"CONVSERVE_DATASET_DIR={str(dataset)!r} (--dataset-dir)"
+    if _overlaps(dataset.resolve(), store):
+        raise SettingsError(
+            f"{where}: it overlaps the model store {store}; labelled images must go elsewhere"
+        )
+    if capture is not None and _overlaps(dataset.resolve(), capture.resolve()):
+        raise SettingsError(
+            f"{where}: it overlaps the capture dir {capture.resolve()}; labelled images must go "
+            "beside it, not inside it (the default is <capture dir>-labelled)"
         )
 
 

@@ -66,6 +66,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model_files(root)
     shutil.copytree(root / "shapes", root / "photos")  # INT8 calibration images
     rotated_digits(root / "rotated", count=100)  # what --from digits fine-tunes on
+    rotated_digits(root / "captured-labelled" / "digits", count=100)  # what /review writes
     shutil.copytree(BUNDLED_STORE / "digits", root / "served" / "digits")
     return root
 
@@ -82,6 +83,7 @@ EXPECTED = {
     "convserve train --arch small_cnn --name shapes --data ./shapes --input 3x32x32": "of 16",
     "convserve train --from digits --data rotated": "on the same",
     "convserve train --from digits --data rotated --name digits-rotated": "on the same",
+    "convserve train --from digits --data captured-labelled/digits": "on the same",
     "convserve import resnet18 --random-init": "wrote",
     "convserve import resnet18 --weights resnet18.pth": "wrote",
     "convserve import small_cnn --random-init --input 3x32x32 --classes 10": "wrote",

@@ -3,7 +3,8 @@ output held to what the doc shows: status, headers, JSON keys and values (probab
 other measured floats excepted), plain text.
 
 A live `convserve serve` (127.0.0.1, a free port) serves a temporary copy of the bundled store
-with an API key; `localhost:8000` in a command becomes that server. Commands run from a
+with an API key, a fresh one for each document; `localhost:8000` in a command becomes that
+server. Commands run from a
 temporary folder holding the files the docs assume a reader has (`docs/examples/`, a
 `resnet18.pth`, an ImageFolder). `convserve` commands run in this process through
 `service.cli.main` (the console script's own entry point: one torch import for all of them,
@@ -23,7 +24,7 @@ import shlex
 import shutil
 import subprocess
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,23 +172,53 @@ class Reader:
 
 
 @pytest.fixture(scope="module")
-def reader(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reader]:
-    root = tmp_path_factory.mktemp("docs")
-    store = root / "store"
-    shutil.copytree(BUNDLED_STORE, store)
-    home = root / "home"
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder commands run in, with the files every document assumes."""
+    home = tmp_path_factory.mktemp("docs") / "home"
     home.mkdir()
     (home / "docs").symlink_to(ROOT / "docs")
     _reader_files(home)
-    env = {
-        "CONVSERVE_STORE": str(store),
-        "CONVSERVE_API_KEY": KEY,
-        "CONVSERVE_LOG_LEVEL": "warning",
-    }
-    with running_server(root, env) as server:
-        # the management examples load version 2 of digits: in the store, not yet served
-        shutil.copytree(store / "digits" / "1", store / "digits" / "2")
-        yield Reader(server, store, home)
+    return home
+
+
+@pytest.fixture(scope="module")
+def readers(
+    tmp_path_factory: pytest.TempPathFactory, home: Path
+) -> Iterator[Callable[[str], Reader]]:
+    """One server and store per document, as a reader of that document alone would start:
+    what one page's commands change (a rollout promoted in the README) is not what the next
+    page's commands begin with. One server runs at a time."""
+    running: dict[str, tuple[Reader, contextlib.ExitStack]] = {}
+
+    def reader_for(document: str) -> Reader:
+        if document not in running:
+            for _, stack in running.values():
+                stack.close()
+            running.clear()
+            root = tmp_path_factory.mktemp("docs")
+            store = root / "store"
+            shutil.copytree(BUNDLED_STORE, store)
+            env = {
+                "CONVSERVE_STORE": str(store),
+                "CONVSERVE_API_KEY": KEY,
+                "CONVSERVE_LOG_LEVEL": "warning",
+            }
+            stack = contextlib.ExitStack()
+            server = stack.enter_context(running_server(root, env))
+            # the management examples load version 2 of digits: in the store, not yet served
+            shutil.copytree(store / "digits" / "1", store / "digits" / "2")
+            running[document] = (Reader(server, store, home), stack)
+        return running[document][0]
+
+    yield reader_for
+    for _, stack in running.values():
+        stack.close()
+
+
+@pytest.fixture
+def reader(readers: Callable[[str], Reader], request: pytest.FixtureRequest) -> Reader:
+    example: Example = request.node.callspec.params["example"]
+    return readers(example.where.split(":")[0])
 
 
 def _reader_files(home: Path) -> None:
@@ -211,6 +242,8 @@ def _reader_files(home: Path) -> None:
     (home / "DIR").symlink_to(home / "shapes")  # README's placeholder for an ImageFolder
     (home / "photos").symlink_to(home / "shapes")  # INT8 calibration images
     rotated_digits(home / "rotated", count=100)  # what `train --from digits` fine-tunes on
+    # what /review wrote in the README's loop: labelled captures of the digits model
+    rotated_digits(home / "captured-labelled" / "digits", count=100)
     model_files(home)  # model.onnx, model.pt, model.pt2, keras.onnx and their labels
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -104,12 +105,24 @@ def test_overload_sheds_fast_and_admitted_requests_complete(
     assert max(t for t, _ in shed) < slowest_admitted  # refusals do not wait for the model
 
 
+@pytest.mark.parametrize("canary", [False, True])
 def test_queued_requests_past_their_deadline_get_504_unrun(
-    tmp_path: Path, resnet_store: Path
+    tmp_path: Path, resnet_store: Path, canary: bool
 ) -> None:
-    env = {"CONVSERVE_STORE": str(resnet_store), "CONVSERVE_MAX_BATCH_SIZE": "4",
-           "CONVSERVE_DEADLINE_MS": "400"}  # fmt: skip
+    """Also with a canary answering half: each version's queue keeps the deadline."""
+    store = resnet_store
+    if canary:
+        store = tmp_path / "store"
+        shutil.copytree(resnet_store, store)
+        shutil.copytree(store / "resnet18" / "1", store / "resnet18" / "2")
+    env = {"CONVSERVE_STORE": str(store), "CONVSERVE_MAX_BATCH_SIZE": "4",
+           "CONVSERVE_DEADLINE_MS": "400", "CONVSERVE_API_KEY": "k"}  # fmt: skip
     with running_server(tmp_path, env) as server:
+        if canary:
+            plan = {"version": 2, "mode": "canary", "share": 0.5}
+            started = httpx.put(f"{server.url}/models/resnet18/rollout", json=plan,
+                                headers={"X-API-Key": "k"}, timeout=60)  # fmt: skip
+            assert started.status_code == 200, started.text
         before = httpx.get(f"{server.url}/metrics").text
         results = burst(server.url, "/predict", photos(4) * 12, JPEG)
         after = httpx.get(f"{server.url}/metrics").text
@@ -128,6 +141,8 @@ def test_queued_requests_past_their_deadline_get_504_unrun(
         before, "convserve_rejected_total", reason="deadline"
     )
     assert dropped >= 1
+    answering = {r.json()["model"]["version"] for _, r in results if r.status_code == 200}
+    assert answering == ({1, 2} if canary else {1})
 
 
 def test_heatmaps_and_the_explorer_are_admitted_like_predictions(

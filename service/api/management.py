@@ -48,18 +48,28 @@ def presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
     return connection.headers.get("x-api-key")
 
 
-def require_api_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Guard for every management route."""
-    runtime: Runtime = connection.app.state.runtime
-    expected = runtime.settings.api_key
+def check_api_key(
+    connection: ASGIConnection[Any, Any, Any, Any], off: str, challenge: dict[str, str]
+) -> None:
+    """403 (`off` says why) without CONVSERVE_API_KEY, 401 with `challenge` unless the request
+    presents the key. The settings come from the request path, which every process has."""
+    expected = connection.app.state.requests.settings.api_key
     if expected is None:
-        raise ForbiddenError("the management API is off; start the server with CONVSERVE_API_KEY")
+        raise ForbiddenError(off)
     key = presented_key(connection)
     if key is None or not hmac.compare_digest(key.encode(), expected.encode()):
         raise UnauthorizedError(
-            "a valid API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-            headers=CHALLENGE,
+            "a valid API key is required: send 'Authorization: Bearer <key>' or "
+            "'X-API-Key: <key>' (a browser asks for it: any user name, the key as the password)",
+            headers=challenge,
         )
+
+
+def require_api_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard for every management route."""
+    check_api_key(
+        connection, "the management API is off; start the server with CONVSERVE_API_KEY", CHALLENGE
+    )
 
 
 class VersionChoice(msgspec.Struct, forbid_unknown_fields=True):

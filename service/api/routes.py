@@ -8,8 +8,9 @@ from litestar.types import ControllerRouterHandler
 
 def request_routes() -> list[ControllerRouterHandler]:
     """Predictions, V2 inference, the explorer, liveness, metrics, the pages and the files of
-    the /schema viewer."""
+    the /schema viewer, and the review page (it reads the capture dir, not the catalog)."""
     from service.api import explorer, health, pages, predict, v2, viewer
+    from service.api.review import review
 
     return [
         predict.predict,
@@ -22,6 +23,7 @@ def request_routes() -> list[ControllerRouterHandler]:
         pages.dashboard,
         pages.assets,
         viewer.asset,
+        review,
     ]
 
 

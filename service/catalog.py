@@ -112,6 +112,11 @@ class Catalog:
     # ---- what readers see ------------------------------------------------------------------
 
     @property
+    def started(self) -> bool:
+        """Start-up loading has ended (whether or not every model loaded)."""
+        return self._started
+
+    @property
     def ready(self) -> bool:
         """Start-up loading has ended and every configured model has a version serving."""
         return self._started and all(
@@ -197,6 +202,7 @@ class Catalog:
         """Start-up loading has ended: from now on a model without versions is not 'loading'."""
         self._started = True
         self._publish_ready()
+        self._changed()
 
     def shadow(
         self, deployment: Deployment, version: str | int | None, draw: float
@@ -233,6 +239,7 @@ class Catalog:
         if version is not None and version not in entry.deployments:
             raise VersionNotFoundError(f"model {name} has no loaded version {version} to serve")
         entry.default_version = version
+        self._changed()
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
         entry = self._entry(name)
@@ -243,14 +250,21 @@ class Catalog:
         if version not in entry.deployments:
             raise VersionNotFoundError(f"model {name} has no loaded version {version} to alias")
         entry.aliases[alias] = version
+        self._changed()
 
     def start_rollout(
-        self, name: str, candidate: int, mode: Literal["canary", "shadow"], share: float
+        self,
+        name: str,
+        candidate: int,
+        mode: Literal["canary", "shadow"],
+        share: float,
+        stable: int | None = None,
     ) -> Rollout:
         """Try `candidate` beside the version serving now (kept as the stable one). A rollout
         already running for the same candidate changes mode or share and keeps its stable
         version. The candidate may not be loaded yet: until it serves, the stable one answers
-        (the caller loads it, and abandons the rollout when that fails)."""
+        (the caller loads it, and abandons the rollout when that fails). `stable` is given
+        when a restarted model process restores a rollout (service.routing_memory)."""
         entry = self._entry(name)
         current = entry.rollout
         if current is not None and current.candidate != candidate:
@@ -258,12 +272,13 @@ class Catalog:
                 f"model {name} is already rolling out v{current.candidate}; promote or roll it "
                 "back first"
             )
-        stable: int | None
-        if current is not None:
+        if stable is not None and stable not in entry.deployments:  # restoring a rollout
+            raise VersionNotFoundError(f"model {name} has no loaded version {stable} to keep")
+        if stable is None and current is not None:
             stable = current.stable
-        elif entry.default_version in entry.deployments and entry.default_version != candidate:
-            stable = entry.default_version
-        else:
+        if stable is None and entry.default_version in entry.deployments:
+            stable = entry.default_version if entry.default_version != candidate else None
+        if stable is None:
             stable = max((v for v in entry.deployments if v != candidate), default=None)
         if stable is None:
             raise ConflictError(
@@ -301,6 +316,7 @@ class Catalog:
         entry = self._entry(name)
         if entry.aliases.pop(alias, None) is None:
             raise VersionNotFoundError(f"model {name} has no alias {alias!r}")
+        self._changed()
 
     # ---- routing ---------------------------------------------------------------------------
 

@@ -62,6 +62,7 @@ from service.errors import ModelNotReadyError, ServiceError, ShuttingDownError
 from service.inference import Requests, Ticket
 from service.local import LocalModels
 from service.logs import configure_logging
+from service.routing_memory import RoutingMemory
 from service.runtime import Runtime
 
 log = logging.getLogger("convserve.models")
@@ -272,6 +273,11 @@ class ModelHost:
         self.models = LocalModels(self.runtime.catalog, settings)
         # the model routes' dependency; this process never decodes, so it is never started
         requests = Requests(settings, self.models)
+
+        # pins, aliases and rollouts, kept beside the socket for a model process started after
+        # this one dies (service.routing_memory)
+        memory = RoutingMemory(path.with_name("routing.json"), self.runtime.catalog)
+        self.runtime.catalog.on_change.append(memory.changed)
 
         @asynccontextmanager
         async def lifespan(app: Litestar) -> AsyncIterator[None]:

@@ -6,6 +6,8 @@ version; promote and roll back switch every later request at once and lose none.
 from __future__ import annotations
 
 import base64
+import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -18,6 +20,7 @@ import pytest
 
 from tests.support import (
     ServerProcess,
+    child_pids,
     digits_versions,
     held_out_digits,
     metric_value,
@@ -197,3 +200,38 @@ def test_rollback_keeps_the_stable_version_and_errors_are_clear(tmp_path: Path) 
         again = manage(server, "PUT", "/models/digits/rollout", json={"version": 2, "share": 0.5})
         assert again.status_code == 200, again.text
         assert [v["status"] for v in again.json()["versions"]] == ["ready", "ready"]
+
+
+def test_a_restarted_model_process_keeps_the_rollout_pins_and_aliases(tmp_path: Path) -> None:
+    """The model process dies (SIGKILL) mid-canary: the one the supervisor starts routes as it
+    did, instead of handing every request to the candidate, the highest version."""
+    bodies = [png_bytes(d.image) for d in held_out_digits(400)]
+    with serve(tmp_path, relabelled=(3,), CONVSERVE_CACHE_ENTRIES="0") as server:
+        assert manage(server, "PUT", "/models/digits/default", json={"version": 1}).is_success
+        assert manage(server, "PUT", "/models/digits/aliases/old", json={"version": 1}).is_success
+        assert manage(server, "PUT", "/models/digits/rollout",
+                      json={"version": 3, "share": 0.1}).is_success  # fmt: skip
+        before = digits_status(server)
+        (victim,) = child_pids(server, "service.modelhost")
+        os.kill(victim, signal.SIGKILL)
+        give_up = time.monotonic() + 60
+        while not (child_pids(server, "service.modelhost") - {victim}) or (
+            httpx.get(f"{server.url}/health/ready", timeout=10).status_code != 200
+        ):
+            assert time.monotonic() < give_up, "the model process did not come back"
+            time.sleep(0.2)
+        after = digits_status(server)
+        for key in ("serving_version", "default_version", "aliases"):
+            assert after[key] == before[key], key
+        assert {k: v for k, v in after["rollout"].items() if k != "started"} == {
+            "mode": "canary", "candidate": 3, "stable": 1, "share": 0.1}  # fmt: skip
+        counts = Counter(versions_answering(server, bodies))
+        assert set(counts) == {1, 3}
+        assert abs(counts[3] / len(bodies) - 0.1) <= 0.03, counts
+
+
+def digits_status(server: ServerProcess) -> dict[str, Any]:
+    """The digits model as GET /models lists it."""
+    models = httpx.get(f"{server.url}/models", timeout=10).json()["models"]
+    found: dict[str, Any] = next(m for m in models if m["name"] == "digits")
+    return found

@@ -24,10 +24,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import queue
 import random
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -37,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from service import metrics
+from service.atomic_file import write_atomically
 from service.config import Settings
 
 log = logging.getLogger("convserve.capture")
@@ -195,13 +194,6 @@ class Capture:
         record = json.dumps({**kept.record, "sha256": digest, "file": image.name}, indent=2)
         written = 0
         for path, content in ((folder / f"{digest}.json", record.encode()), (image, kept.data)):
-            handle, staging = tempfile.mkstemp(prefix=".capture-", dir=folder)
-            try:
-                with os.fdopen(handle, "wb") as out:
-                    out.write(content)
-                Path(staging).replace(path)
-            except BaseException:
-                Path(staging).unlink(missing_ok=True)
-                raise
+            write_atomically(path, content, ".capture-")
             written += len(content)
         return written

@@ -20,10 +20,8 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import logging
-import os
 import platform
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -31,6 +29,7 @@ from typing import TypeVar
 import msgspec
 import numpy as np
 
+from service.atomic_file import write_atomically
 from service.card import Anatomy, ReadPoint
 from service.config import available_cores
 
@@ -138,16 +137,8 @@ def _write(path: Path, record: msgspec.Struct) -> None:
     """Write the record atomically; a cache that cannot be written only costs the next start."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(prefix=".record-", dir=path.parent)
+        write_atomically(path, msgspec.json.encode(record), ".record-")
     except OSError as exc:
-        log.warning("could not record %s (%s)", path, exc)
-        return
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(msgspec.json.encode(record))
-        Path(staging).replace(path)
-    except OSError as exc:
-        Path(staging).unlink(missing_ok=True)
         log.warning("could not record %s (%s)", path, exc)
 
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 
+from service.atomic_file import write_atomically
 from service.capture import EXTENSIONS
 from service.errors import CaptureNotFoundError, InvalidParameterError
 from service.spec import NAME_PATTERN, check_name
@@ -159,14 +159,7 @@ class Review:
         folder = self.dataset / model / check_label(label)
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{claim.record.sha256}.png"
-        handle, staging = tempfile.mkstemp(prefix=CLAIM, suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(png)
-            Path(staging).replace(target)
-        except BaseException:
-            Path(staging).unlink(missing_ok=True)
-            raise
+        write_atomically(target, png, CLAIM)
         for other in (self.dataset / model).glob(f"*/{target.name}"):
             if other != target:  # labelled before, another way: the latest review wins
                 other.unlink(missing_ok=True)

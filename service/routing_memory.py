@@ -14,12 +14,11 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from service.atomic_file import write_atomically
 from service.catalog import Catalog
 from service.errors import ServiceError
 
@@ -62,10 +61,7 @@ class RoutingMemory:
             for name, model in self.catalog.status().models.items()
         }  # fmt: skip
         try:
-            handle, staging = tempfile.mkstemp(prefix=".routing-", dir=self.path.parent)
-            with os.fdopen(handle, "w") as out:
-                json.dump(snapshot, out)
-            Path(staging).replace(self.path)
+            write_atomically(self.path, json.dumps(snapshot).encode(), ".routing-")
         except OSError as exc:  # the run directory is gone: the supervisor is stopping
             log.warning("could not keep the routing choices in %s: %s", self.path, exc)
 

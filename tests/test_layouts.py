@@ -31,7 +31,8 @@ KEY = "layouts-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
 # GET routes' path parameters, filled with values the bundled store has
 FILL = {"name": "digits", "version": "1", "layer": "conv1", "file_path": "style.css",
-        "alias": "stable", "path": "openapi.json"}  # fmt: skip
+        "alias": "stable", "path": "openapi.json", "model": "digits",
+        "sha256": "0" * 64}  # fmt: skip
 VARYING = {"date", "x-request-id"}  # differ between any two answers
 SHOTS = ARTIFACTS / "page"
 

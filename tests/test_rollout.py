@@ -6,7 +6,9 @@ version; promote and roll back switch every later request at once and lose none.
 from __future__ import annotations
 
 import base64
+import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -235,3 +237,20 @@ def digits_status(server: ServerProcess) -> dict[str, Any]:
     models = httpx.get(f"{server.url}/models", timeout=10).json()["models"]
     found: dict[str, Any] = next(m for m in models if m["name"] == "digits")
     return found
+
+
+def test_a_candidate_refused_at_load_leaves_no_rollout(tmp_path: Path) -> None:
+    store = digits_versions(tmp_path / "store")
+    broken = store / "digits" / "3"
+    shutil.copytree(store / "digits" / "2", broken)
+    spec = json.loads((broken / "model.json").read_text())
+    spec["sha256"] = "0" * 64  # the weights no longer match: verification refuses them
+    (broken / "model.json").write_text(json.dumps(spec))
+    environ = {"CONVSERVE_STORE": str(store), "CONVSERVE_API_KEY": KEY, "CONVSERVE_WORKERS": "2"}
+    with running_server(tmp_path, environ) as server:
+        refused = manage(server, "PUT", "/models/digits/rollout", json={"version": 3})
+        assert refused.status_code == 422, refused.text
+        assert "was refused and nothing changed" in refused.json()["detail"]
+        status = digits_status(server)
+        assert "rollout" not in status
+        assert status["serving_version"] == 2

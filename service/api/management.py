@@ -120,13 +120,18 @@ async def _load(runtime: Runtime, name: str, version: int, *, replace: bool) -> 
         raise ConflictError(f"model {name} v{version} is already loaded; use .../reload")
     if not loaded and replace:
         raise ConflictError(f"model {name} v{version} is not loaded; use .../load")
+    await load_or_refuse(runtime, name, version)
+    return changed(runtime, name)
+
+
+async def load_or_refuse(runtime: Runtime, name: str, version: int) -> None:
+    """Load a version; a refusal is a 422 that says why (whatever served before still does)."""
     try:
         await runtime.loader.load(name, version)
     except ModelLoadError as exc:
         raise ModelRefusedError(
             f"model {name} v{version} was refused and nothing changed: {exc.reason}"
         ) from None
-    return changed(runtime, name)
 
 
 @post(

@@ -10,10 +10,10 @@ import msgspec
 from litestar import post, put
 from litestar.params import FromPath, JSONBody
 
-from service.api.management import MANAGEMENT_DOCS, changed
+from service.api.management import MANAGEMENT_DOCS, changed, load_or_refuse
 from service.api.runtime_dep import RuntimeDep
 from service.api.schemas import ModelStatus
-from service.errors import InvalidParameterError, ModelLoadError, ModelRefusedError
+from service.errors import InvalidParameterError, ModelRefusedError
 from service.spec import check_name
 
 
@@ -43,12 +43,10 @@ async def start_rollout(
     state = catalog.status().models[name].versions.get(data.version)
     if state is None or state.state == "failed":
         try:  # loaded as the candidate: it serves no request before the rollout routes it
-            await runtime.loader.load(name, data.version)
-        except ModelLoadError as exc:
+            await load_or_refuse(runtime, name, data.version)
+        except ModelRefusedError:
             catalog.abandon_rollout(name)
-            raise ModelRefusedError(
-                f"model {name} v{data.version} was refused and nothing changed: {exc.reason}"
-            ) from None
+            raise
     return changed(runtime, name)
 
 

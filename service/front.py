@@ -35,11 +35,13 @@ from service.errors import (
     ServiceError,
     ShuttingDownError,
 )
+from service.imaging import DecodeLimits
 from service.inference import Requests
 from service.link import DOWN, RemoteModels
 from service.logs import configure_logging
 from service.problems import PROBLEM_TYPE, problem_json
 from service.server import serve_front
+from service.small_images import SmallImages
 
 ARENA_BYTES = 1 << 30  # shared memory per worker; only what requests in flight write is backed
 HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade"}
@@ -163,7 +165,7 @@ def create_front_app(
         requests.models_changed()
 
     link = RemoteModels(socket_path, ARENA_BYTES, readiness_changed)
-    requests = Requests(settings, link)
+    requests = Requests(settings, link, SmallImages(DecodeLimits.from_settings(settings)))
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

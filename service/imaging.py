@@ -160,10 +160,16 @@ def open_image(data: bytes, limits: DecodeLimits) -> Image.Image:
 
 
 def decode_image(
-    data: bytes, limits: DecodeLimits, draft: tuple[str, int] | None = None
+    data: bytes,
+    limits: DecodeLimits,
+    draft: tuple[str, int] | None = None,
+    admit: Callable[[Image.Image], None] | None = None,
 ) -> Image.Image:
-    """Decode the first frame with EXIF orientation applied; `draft` lets JPEG decode shrink."""
+    """Decode the first frame with EXIF orientation applied; `draft` lets JPEG decode shrink;
+    `admit` sees the opened header before any pixel is decoded, and may raise to stop."""
     image = open_image(data, limits)
+    if admit is not None:
+        admit(image)
     try:
         if draft is not None and image.format == "JPEG":
             mode, side = draft
@@ -303,12 +309,17 @@ def warm_up_decoding(spec: InputSpec, limits: DecodeLimits) -> None:
 
 
 def prepare_image(
-    data: bytes, spec: InputSpec, limits: DecodeLimits, *, keep_display: bool = False
+    data: bytes,
+    spec: InputSpec,
+    limits: DecodeLimits,
+    *,
+    keep_display: bool = False,
+    admit: Callable[[Image.Image], None] | None = None,
 ) -> PreparedImage:
-    """Bytes -> (C, H, W) float32 normalized as model.json says; runs in a worker thread."""
+    """Bytes -> (C, H, W) float32 normalized as model.json says (`admit`: see decode_image)."""
     mode = "L" if spec.channels == 1 else "RGB"
     side = max(spec.height, spec.width, spec.resize_size or 0)
-    decoded = decode_image(data, limits, None if keep_display else (mode, side))
+    decoded = decode_image(data, limits, None if keep_display else (mode, side), admit)
     visible = to_visible(decoded)
     box = crop_box(visible.size, spec)
     # convert() to the same mode would copy the image for nothing; grey for an RGB network is

@@ -1,6 +1,6 @@
 """The request path below HTTP, the same in every process layout: route a request to a model
-version, take its queue places, decode its images in the decoder processes, run them through
-the model and wait for the answers within the deadline.
+version, take its queue places, decode its images (in the decoder processes; small ones in a
+front worker itself), run them through the model and wait for the answers within the deadline.
 
 /predict, the V2 routes and the explorer are thin adapters over `Requests`. Where the model
 lives is behind `Models`: in this process (service.local) or in the model process, reached
@@ -22,10 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 import msgspec
 import numpy as np
+from prometheus_client import Histogram
 
 from service import metrics, tracing
 from service.answers import AnswerCache, Cached, digest
@@ -46,6 +47,7 @@ from service.imaging import PreparedImage
 from service.logs import CURRENT_REQUEST
 from service.memory import Trimmer
 from service.overlay import overlay_png
+from service.small_images import SmallImages
 from service.spec import InputSpec
 
 log = logging.getLogger("convserve")
@@ -257,9 +259,12 @@ def _moved(first: Route, admitted: Route) -> bool:
 class Requests:
     """The request path of one HTTP process: decoding, drain state, and the models."""
 
-    def __init__(self, settings: Settings, models: Models) -> None:
+    def __init__(
+        self, settings: Settings, models: Models, small: SmallImages | None = None
+    ) -> None:
         self.settings = settings
         self.models = models
+        self.small = small  # front workers only: the single process decodes all in children
         config = DecoderConfig(settings.max_pixels, settings.formats, settings.decode_memory_mb)
         self.decoders = DecodePool(settings.decode_threads, config)
         # heatmap overlays: bounded drawing on pictures of at most 1024 px, off the event loop
@@ -361,20 +366,47 @@ class Requests:
     async def prepare(
         self, route: Route, images: Sequence[Image], deadline: float, *, keep_display: bool
     ) -> list[PreparedImage]:
-        """Decode + preprocess a request's images for this version."""
+        """Decode + preprocess a request's images for this version: small ones here where this
+        is a front worker (service.small_images), the rest in the decoder processes."""
+        timing = metrics.PREPROCESS.labels(route.name, str(route.version))
         try:
             with tracing.span("decode and preprocess", images=len(images)):
-                return await self.decoders.prepare(
-                    [image.data for image in images],
+                done = await self._prepare_small(route, images, keep_display, timing)
+                rest = [index for index, prepared in enumerate(done) if prepared is None]
+                decoded = await self.decoders.prepare(
+                    [images[index].data for index in rest],
                     route.input,
                     deadline,
                     keep_display=keep_display,
-                    labels=["" if image.label == "body" else image.label for image in images],
-                    timing=metrics.PREPROCESS.labels(route.name, str(route.version)),
+                    labels=["" if images[i].label == "body" else images[i].label for i in rest],
+                    timing=timing,
                 )
         except DeadlineExceededError:
             metrics.REJECTED.labels(route.name, metrics.DEADLINE).inc()
             raise
+        for index, prepared in zip(rest, decoded, strict=True):
+            done[index] = prepared
+        return cast("list[PreparedImage]", done)
+
+    async def _prepare_small(
+        self, route: Route, images: Sequence[Image], keep_display: bool, timing: Histogram
+    ) -> list[PreparedImage | None]:
+        """The images small enough to decode on this event loop (about 2 ms at most each),
+        None for the others and where this process has no SmallImages."""
+        done: list[PreparedImage | None] = [None] * len(images)
+        if self.small is None:
+            return done
+        for index, image in enumerate(images):
+            if not self.small.accepts(image.data, route.input, keep_display):
+                continue
+            if index:
+                await asyncio.sleep(0)  # a request of many images lets others in between
+            started = time.perf_counter()
+            done[index] = prepared = self.small.prepare(image.data, route.input)
+            if prepared is not None:
+                timing.observe(time.perf_counter() - started)
+                metrics.SMALL_IMAGES.labels(route.name).inc()
+        return done
 
     async def classify(
         self,

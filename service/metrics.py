@@ -97,6 +97,11 @@ READY = Gauge(
     "1 when every configured model has a ready version",
     multiprocess_mode="livemin",
 )
+SMALL_IMAGES = Counter(
+    "convserve_small_images",
+    "Images a front worker decoded itself, without a decoder process (service.small_images)",
+    ["model"],
+)
 DECODER_RESTARTS = Counter(
     "convserve_decoder_restarts",
     "Decoder processes replaced (reason: memory, died, deadline, cancelled)",

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.workers [--models digits resnet18] [--duration 6]
         [--configs single copies-2 front-1 front-2 front-4 torchserve]
-        [--baseline-commit 73a2610] [--gpu-images-per-s N]
+        [--passes 3] [--baseline-commit 73a2610] [--gpu-images-per-s N]
 
 Layouts: `single` (CONVSERVE_WORKERS=0: one process does everything), `front-N` (N front
 workers, HTTP + decoding without torch, and one model process), `copies-N` (the baseline
@@ -16,6 +16,8 @@ a time, same store, same request body as benchmarks.driver. For each layout and 
      (`python -m service.front`): what one more front worker costs;
   4. CPU by process during the 32-client run: requests/s per front core, the number a node's
      front tier is sized by.
+The layouts run --passes times in turn and each figure is the median of its passes: on a shared
+machine the rate drifts by tens of percent within minutes, and passes in turn share the drift.
 Writes benchmarks/results/workers.json and workers.md.
 """
 
@@ -168,6 +170,29 @@ class Row:
     cores: dict[str, float] = field(default_factory=dict)  # by role, during the 32-client runs
     ready: Memory | None = None
     after_load: Memory | None = None
+    each_pass: list[float] = field(default_factory=list)  # req/s at 32 clients, every pass
+
+
+def merged(rows: list[Row]) -> list[Row]:
+    """One row per layout and model from several passes (--passes): the pass with the median
+    32-client rate, with the median 1-client p50 of all passes. On a shared machine the rate
+    drifts by tens of percent over minutes; passes taken in turn see the same drift."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.config, row.model), []).append(row)
+    result = []
+    for group in groups.values():
+        ran = [r for r in group if r.at_32 is not None and r.at_1 is not None]
+        if not ran:
+            result.append(group[0])
+            continue
+        ran.sort(key=lambda r: r.at_32.requests_per_s if r.at_32 else 0.0)
+        row = ran[len(ran) // 2]
+        alone = sorted(ran, key=lambda r: r.at_1.p50_ms if r.at_1 else 0.0)
+        row.at_1 = alone[len(alone) // 2].at_1
+        row.each_pass = [r.at_32.requests_per_s for r in group if r.at_32 is not None]
+        result.append(row)
+    return result
 
 
 def cores(samples: list[Sample]) -> dict[str, float]:
@@ -252,7 +277,8 @@ def tables(rows: list[Row], report: Report) -> list[str]:
             continue
         many, limit, fronts = r.at_32, batch_one(report, r.model), r.after_load.fronts()
         speed.append([r.config, r.model, number(many.requests_per_s), number(many.p50_ms),
-                      number(many.p99_ms), number(many.mean_batch), str(many.errors)])  # fmt: skip
+                      number(many.p99_ms), number(many.mean_batch), str(many.errors),
+                      ", ".join(f"{rate:.0f}" for rate in r.each_pass) or "-"])  # fmt: skip
         latency.append([r.config, r.model, number(r.at_1.p50_ms, 2),
                         "-" if limit is None else f"{limit[0]:.2f} ({limit[1]})",
                         "-" if limit is None else f"{r.at_1.p50_ms - limit[0]:+.2f}"])  # fmt: skip
@@ -266,8 +292,8 @@ def tables(rows: list[Row], report: Report) -> list[str]:
                     ", ".join(f"{name} {used:.2f}" for name, used in sorted(r.cores.items())),
                     "-" if rate is None else f"{rate[1]:.0f} ({rate[0]:.2f} cores)"])  # fmt: skip
     return [
-        markdown_table(["config", "model", "req/s", "p50 ms", "p99 ms", "mean batch", "errors"],
-                       speed),
+        markdown_table(["config", "model", "req/s", "p50 ms", "p99 ms", "mean batch", "errors",
+                        "req/s of each pass"], speed),
         markdown_table(["config", "model", "p50 ms, 1 client", "in-process batch 1 ms (engine)",
                         "difference ms"], latency),
         markdown_table(["config", "model", "processes", "RSS MB ready", "RSS MB after load",
@@ -350,6 +376,7 @@ def document(rows: list[Row], layouts: list[Layout], report: Report, options: ar
     text = "\n\n".join([
         f"# Process layouts\n\nMachine: {report.machine}\n\nBaseline commit {baseline}; "
         f"{options.duration:g} s per sample, {options.rounds} round(s), "
+        f"{options.passes} pass(es) over the layouts in turn (medians), "
         f"CONVSERVE_THREADS={options.threads}; one server at a time.\n\n{legend}",
         *(["Skipped:\n\n" + "\n".join(skipped)] if skipped else []),
         "## Throughput at 32 clients\n\n" + speed,
@@ -361,6 +388,7 @@ def document(rows: list[Row], layouts: list[Layout], report: Report, options: ar
     ])  # fmt: skip
     payload = {
         "settings": {"duration_s": options.duration, "rounds": options.rounds,
+                     "passes": options.passes,
                      "threads": options.threads, "baseline_commit": baseline},
         "layouts": [asdict(chosen) for chosen in layouts],
         "inprocess": report.inprocess,
@@ -393,6 +421,8 @@ def main() -> None:
         help="single, front-N, copies-N (the baseline commit's), torchserve")  # fmt: skip
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per hey sample")
     parser.add_argument("--rounds", type=int, default=1, help="samples per client count")
+    parser.add_argument("--passes", type=int, default=3,
+                        help="run the layouts this many times in turn; report medians")  # fmt: skip
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--baseline-commit", default="73a2610", help="today's code, for copies-N")
     parser.add_argument("--gpu-images-per-s", type=float, default=None,
@@ -412,10 +442,12 @@ def main() -> None:
             inprocess(model, report, sizes=(1,))
             body_file = Path(folder) / f"{model.name}.jpg"
             body_file.write_bytes(model.body)
-            for chosen in layouts:
-                code = old if chosen.baseline else ROOT
-                rows.append(run_layout(chosen, model, body_file, code, options))
-                print(f"  {chosen.name:10} {summary(rows[-1])}", flush=True)
+            for _ in range(options.passes):
+                for chosen in layouts:
+                    code = old if chosen.baseline else ROOT
+                    rows.append(run_layout(chosen, model, body_file, code, options))
+                    print(f"  {chosen.name:10} {summary(rows[-1])}", flush=True)
+    rows = merged(rows)
     text, payload = document(rows, layouts, report, options, baseline)
     path = write_results("workers", payload, text)
     print(text)

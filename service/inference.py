@@ -343,6 +343,8 @@ class Requests:
             self.capture.close()
         self.trimmer.cancel()
         self.decoders.close()
+        if self.small is not None:
+            self.small.close()
         self.painters.shutdown(wait=False, cancel_futures=True)
 
     async def route(self, name: str | None, version: str | None) -> Route:
@@ -391,18 +393,16 @@ class Requests:
     async def _prepare_small(
         self, route: Route, images: Sequence[Image], keep_display: bool, timing: Histogram
     ) -> list[PreparedImage | None]:
-        """The images small enough to decode on this event loop (about 2 ms at most each),
-        None for the others and where this process has no SmallImages."""
+        """The images small enough to decode in this process (about 2 ms at most each), None
+        for the others and where this process has no SmallImages."""
         done: list[PreparedImage | None] = [None] * len(images)
         if self.small is None:
             return done
         for index, image in enumerate(images):
             if not self.small.accepts(image.data, route.input, keep_display):
                 continue
-            if index:
-                await asyncio.sleep(0)  # a request of many images lets others in between
             started = time.perf_counter()
-            done[index] = prepared = self.small.prepare(image.data, route.input)
+            done[index] = prepared = await self.small.prepare(image.data, route.input)
             if prepared is not None:
                 timing.observe(time.perf_counter() - started)
                 metrics.SMALL_IMAGES.labels(route.name).inc()

@@ -16,6 +16,9 @@ text limits are tightened for this process (a small file may inflate to 64 MB of
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
 from PIL import Image, PngImagePlugin
 
 from service.imaging import DecodeLimits, PreparedImage, configure_decoding, prepare_image
@@ -44,14 +47,20 @@ def _admit(image: Image.Image) -> None:
 
 
 class SmallImages:
-    """The inline decode of one front worker (process-wide Pillow settings: create one)."""
+    """The inline decode of one front worker, in one thread of its own: off the event loop, so
+    a flood of small images cannot delay a health check, and one at a time. Process-wide
+    Pillow settings: create one per process."""
 
     def __init__(self, limits: DecodeLimits) -> None:
         self.limits = limits
         self.formats = FORMATS & set(limits.formats)
-        configure_decoding(limits.max_pixels)
+        configure_decoding(limits.max_pixels)  # before the thread starts
         PngImagePlugin.MAX_TEXT_CHUNK = min(PngImagePlugin.MAX_TEXT_CHUNK, MAX_TEXT_BYTES)
         PngImagePlugin.MAX_TEXT_MEMORY = min(PngImagePlugin.MAX_TEXT_MEMORY, MAX_TEXT_BYTES)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="convserve-small")
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
 
     def accepts(self, data: bytes, spec: InputSpec, keep_display: bool) -> bool:
         """What the request tells before the header is read: small, in an allowed format."""
@@ -61,8 +70,15 @@ class SmallImages:
             return False
         return any(data.startswith(sig) and SIGNATURES[sig] in self.formats for sig in SIGNATURES)
 
-    def prepare(self, data: bytes, spec: InputSpec) -> PreparedImage | None:
+    async def prepare(self, data: bytes, spec: InputSpec) -> PreparedImage | None:
         """The image prepared here, or None: declined or failed, the decoders take it."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._thread, self._prepare, data, spec)
+        except RuntimeError:  # closed: the worker is stopping
+            return None
+
+    def _prepare(self, data: bytes, spec: InputSpec) -> PreparedImage | None:
         try:
             return prepare_image(data, spec, self.limits, admit=_admit)
         except Exception:  # declined, or an error the decoders will name in their own words

@@ -53,6 +53,7 @@ COMMON = (
     "pillow==13.0.0",
     "msgspec==0.22.0",
     "safetensors==0.8.0",
+    "onnx==1.23.2",  # service.network reads a prepared store's graph cards with it
 )
 THREADS_LINE = re.compile(rb"convserve-peer threads=(\d+)")
 BATCH_LINE = re.compile(rb"convserve-peer batch=(\d+)")

@@ -5,9 +5,10 @@ past its request's deadline can be killed. Neither can happen to an image whose 
 bounded by its header: an 8-bit grey or RGB PNG, or a baseline JPEG, of at most `MAX_PIXELS`
 declared pixels (these formats decode exactly the size they declare) in a body of at most
 `MAX_BYTES`, made into a model input of at most `MAX_VALUES` numbers. Such an image costs at
-most about 2 ms of CPU and 1 MB here, while a decoder spends about three times a digit's decode
+most about 2 ms of CPU and 1 MB here, while a decoder spends about 2.5 times a digit's decode
 on the trip there and back (docs/processes.md). Used only in front workers: they hold neither
-the models nor the queue, which the single process keeps safe by decoding everything in children.
+the models nor the queue, which the single process keeps safe by decoding everything in
+children.
 
 Anything else goes to the decoders, and so does anything that fails here: their answer, error
 message included, is the one the client gets. Pillow's bomb guard is on here too, and the PNG

@@ -18,6 +18,7 @@ from service.errors import (
     DecompressionBombError,
     ImageTooLargeError,
     InvalidImageError,
+    ServiceError,
     UnsupportedImageFormatError,
 )
 from service.spec import InputSpec
@@ -26,6 +27,7 @@ from service.spec import InputSpec
 BOMB_RATIO = 1000
 DISPLAY_MAX_SIDE = 1024
 DISPLAY_MIN_SIDE = 256  # tiny inputs (28x28 digits) are enlarged so a heatmap can be seen
+NO_DATA = "no image data (0 bytes); send the bytes of an image file"
 BAND_PIXELS = 1 << 20  # wide conversions run over bands of rows this large, not whole images
 
 _RESAMPLE = {
@@ -122,7 +124,7 @@ def detect_format(data: bytes) -> str | None:
     return None
 
 
-def _unidentified(data: bytes, limits: DecodeLimits) -> Exception:
+def _unidentified(data: bytes, limits: DecodeLimits) -> ServiceError:
     """415 for a format we recognise but do not allow, 400 for bytes nobody can identify."""
     detected = detect_format(data)
     allowed = ", ".join(limits.formats)
@@ -138,10 +140,29 @@ def _unidentified(data: bytes, limits: DecodeLimits) -> Exception:
     )
 
 
+def unidentified(data: bytes, limits: DecodeLimits) -> ServiceError | None:
+    """What open_image raises for bytes that no allowed format's signature test accepts, known
+    from their first 16 bytes alone; None when some plugin would read further."""
+    if not data:
+        return InvalidImageError(NO_DATA)
+    Image.init()
+    for name in limits.formats:
+        accept = Image.OPEN[name][1] if name in Image.OPEN else None
+        if accept is None:
+            return None  # a plugin without a signature test reads every file
+        try:
+            accepted = accept(data[:16])
+        except Exception:
+            return None
+        if accepted and not isinstance(accepted, str):  # a str: Pillow's warning, not a match
+            return None
+    return _unidentified(data, limits)
+
+
 def open_image(data: bytes, limits: DecodeLimits) -> Image.Image:
     """Open and check an image without decoding its pixels; refuse bombs before they explode."""
     if not data:
-        raise InvalidImageError("no image data (0 bytes); send the bytes of an image file")
+        raise InvalidImageError(NO_DATA)
     try:
         # only the allowed plugins look at the bytes; JPEG may hand over to MPO, whose first
         # frame is a plain JPEG

@@ -41,6 +41,7 @@ from service.errors import (
     ImageNotHeldError,
     InvalidParameterError,
     LayerNotFoundError,
+    ServiceError,
     ShuttingDownError,
 )
 from service.imaging import PreparedImage
@@ -394,18 +395,25 @@ class Requests:
         self, route: Route, images: Sequence[Image], keep_display: bool, timing: Histogram
     ) -> list[PreparedImage | None]:
         """The images small enough to decode in this process (about 2 ms at most each), None
-        for the others and where this process has no SmallImages."""
+        for the others and where this process has no SmallImages; the decoders' own error for
+        one refused here by its header or its first bytes."""
         done: list[PreparedImage | None] = [None] * len(images)
         if self.small is None:
             return done
         for index, image in enumerate(images):
-            if not self.small.accepts(image.data, route.input, keep_display):
-                continue
-            started = time.perf_counter()
-            done[index] = prepared = await self.small.prepare(image.data, route.input)
-            if prepared is not None:
-                timing.observe(time.perf_counter() - started)
-                metrics.SMALL_IMAGES.labels(route.name).inc()
+            refused = self.small.refusal(image.data)
+            if refused is None and self.small.accepts(image.data):
+                started = time.perf_counter()
+                found = await self.small.prepare(image.data, route.input, keep_display)
+                if isinstance(found, PreparedImage):
+                    timing.observe(time.perf_counter() - started)
+                    metrics.SMALL_IMAGES.labels(route.name).inc()
+                    done[index] = found
+                refused = found if isinstance(found, ServiceError) else None
+            if refused is not None:  # labelled as the decoders label theirs
+                if image.label != "body":
+                    refused.detail = f"{image.label}: {refused.detail}"
+                raise refused
         return done
 
     async def classify(

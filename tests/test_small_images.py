@@ -8,6 +8,7 @@ whole service in one process (every image through a decoder process) and two fro
 from __future__ import annotations
 
 import io
+import struct
 import zlib
 from collections.abc import Iterator
 
@@ -77,7 +78,7 @@ def same_answer(servers: dict[str, ServerProcess], body: bytes, headers: dict[st
 
 def text_heavy_png() -> bytes:
     """A 28x28 digit with a compressed text chunk of 512 KB (2 KB on the wire): within Pillow's
-    own limits, past the tighter ones of the worker's inline decode."""
+    limits, but inflated while the header is read, so for the decoders."""
     info = PngImagePlugin.PngInfo()
     info.add_text("comment", "x" * (512 * 1024), zip=True)
     return png_bytes(held_out_digits(1)[0].image, pnginfo=info)
@@ -108,7 +109,7 @@ def test_every_format_answers_as_the_decoders_do(
         ("the README's 280x280 JPEG", (ROOT / "docs/examples/digit-4.jpg").read_bytes(), True),
         ("a 300x300 PNG over the byte bound", noise_png(300), False),
         ("a PNG over the pixel bound", png_bytes(Image.new("L", (301, 300), 7)), False),
-        ("a PNG whose text the worker's tighter limit refuses", text_heavy_png(), False),
+        ("a PNG with compressed text", text_heavy_png(), False),
     ],
 )
 def test_only_images_bounded_by_their_header_skip_the_decoders(
@@ -117,7 +118,7 @@ def test_only_images_bounded_by_their_header_skip_the_decoders(
     with Image.open(io.BytesIO(body)) as image:  # each case is what its name says
         within = len(body) <= MAX_BYTES and image.width * image.height <= MAX_PIXELS
     assert within or not small, name
-    assert within or "bound" in name, name
+    assert within or "bound" in name, name  # the text case is small: declined for its text
     before = small_count(servers["workers"])
     same_answer(servers, body, PNG)
     assert small_count(servers["workers"]) - before == (1 if small else 0), name
@@ -181,3 +182,71 @@ def test_a_small_image_past_the_pixel_limit_is_refused_as_before(
         out = io.BytesIO()
         Image.new("L", (20, 20), 0).save(out, "PNG")
         assert predict(server, out.getvalue(), PNG).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n", b"<html><body>a page</body></html>"],
+    ids=["pdf", "html"],
+)
+def test_bytes_no_allowed_format_accepts_are_refused_in_the_worker_as_by_the_decoders(
+    servers: dict[str, ServerProcess], body: bytes
+) -> None:
+    """Refused from their first 16 bytes, without a decoder's turn, in the decoders' words,
+    alone or as one part of several (labelled)."""
+    digit = png_bytes(held_out_digits(1)[0].image)
+    form = multipart([("file", "digit.png", digit), ("file", "other.bin", body)], BOUNDARY)
+    multi = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+    for content, headers in ((body, PNG), (form, multi)):
+        expected = predict(servers["single"], content, headers)
+        found = predict(servers["workers"], content, headers)
+        assert found.status_code == expected.status_code, found.text
+        assert found.status_code in {400, 415}
+        assert found.json()["detail"] == expected.json()["detail"]
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG header declaring a canvas, then a tiny IDAT: a bomb by its header alone."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))  # fmt: skip
+
+
+def gif_declaring(width: int, height: int) -> bytes:
+    """A 1x1 GIF whose screen and frame declare `width` x `height`."""
+    data = bytearray(png_bytes(Image.new("P", (1, 1)), "GIF"))
+    data[6:10] = struct.pack("<HH", width, height)
+    frame = data.index(b",", 13)  # the image descriptor, after the palette
+    data[frame + 5 : frame + 9] = struct.pack("<HH", width, height)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        ("png bomb", png_declaring(60000, 60000)),
+        ("png too large", png_declaring(9000, 9000)),
+        ("gif bomb", gif_declaring(65535, 65535)),
+        ("jpeg cut after its header", (ROOT / "docs/examples/digit-4.jpg").read_bytes()[:400]),
+    ],
+)
+def test_refused_by_its_header_in_the_worker_as_by_the_decoders(
+    servers: dict[str, ServerProcess], kind: str, body: bytes
+) -> None:
+    """A small file that its header condemns is answered by the worker, without a decoder's
+    turn, with the decoders' own status and detail."""
+    before = small_count(servers["workers"])
+    expected = predict(servers["single"], body, PNG)
+    found = predict(servers["workers"], body, PNG)
+    assert expected.status_code in {400, 413, 415}, (kind, expected.text)
+    assert (found.status_code, found.json()["detail"]) == (
+        expected.status_code,
+        expected.json()["detail"],
+    ), kind
+    assert small_count(servers["workers"]) == before

@@ -22,15 +22,12 @@ the header).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from PIL import Image
 
-from service.decoder import DECODER_NICENESS
 from service.errors import ServiceError
 from service.imaging import (
     DecodeLimits,
@@ -82,24 +79,17 @@ def _inflates(data: bytes) -> bool:
 
 
 class SmallImages:
-    """The inline decode of one front worker, in one thread of its own: off the event loop, so
-    a flood of small images cannot delay a health check, and one at a time. Process-wide
+    """The inline decode of one front worker, in one thread of its own: off the event loop, one
+    at a time. Process-wide
     Pillow settings: create one per process."""
 
     def __init__(self, limits: DecodeLimits) -> None:
         self.limits = limits
         self.formats = FORMATS & set(limits.formats)
         configure_decoding(limits.max_pixels)  # as in the decoders; before the thread starts
-        self._niceness = os.getpriority(os.PRIO_PROCESS, 0) + DECODER_NICENESS
-        self._thread = ThreadPoolExecutor(
-            1, thread_name_prefix="convserve-small", initializer=self._below_the_loop
-        )
-
-    def _below_the_loop(self) -> None:
-        """This thread runs at the decoders' niceness, whatever its creator's (on Linux a
-        thread has its own): below the event loop, so health checks keep their share."""
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, 0, min(19, self._niceness))
+        # not niced below the event loop, as the decoders are: this thread shares the loop's
+        # interpreter lock, and a lock holder the kernel starves stalls the loop (inversion)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="convserve-small")
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)

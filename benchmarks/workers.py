@@ -28,6 +28,7 @@ import contextlib
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -55,6 +56,8 @@ from benchmarks.peers import PEERS
 FRONT = "service.front"  # the front worker's module: `python -m service.front ...`
 FRONT_TIER = "front tier"  # front workers and their children (decoders, if they own any)
 LAYOUT = re.compile(r"^(single|torchserve|(front|copies)-([1-9]\d*))$")
+TWO = "front-2"  # the layout the issue's targets name: two front workers + one model process
+SMALL = {"digits", "seed"}  # the small models, held to 1.5x the single process
 
 
 @dataclass(frozen=True)
@@ -334,6 +337,70 @@ def front_check(rows: list[Row]) -> tuple[str, float | None]:
     return " ".join(lines), cost
 
 
+def find(rows: list[Row], config: str, model: str) -> Row | None:
+    return next((r for r in rows if (r.config, r.model) == (config, model)), None)
+
+
+def by_pass(rows: list[Row], model: str, mine: str, theirs: str) -> tuple[float, str] | None:
+    """`mine`'s 32-client rate over `theirs`: the median of the ratios within each pass (a pass
+    runs every layout in turn, so both see the same drift of the machine), or the ratio of the
+    medians where a pass of either is missing; with how it was taken."""
+    a, b = find(rows, mine, model), find(rows, theirs, model)
+    if a is None or b is None or a.at_32 is None or b.at_32 is None:
+        return None
+    if len(a.each_pass) == len(b.each_pass) > 0:
+        ratios = [x / y for x, y in zip(a.each_pass, b.each_pass, strict=True)]
+        each = ", ".join(f"{ratio:.2f}x" for ratio in ratios)
+        return statistics.median(ratios), f"median of the passes: {each}"
+    ratio = a.at_32.requests_per_s / b.at_32.requests_per_s
+    return ratio, f"{a.at_32.requests_per_s:.0f} / {b.at_32.requests_per_s:.0f} req/s, medians"
+
+
+def targets(
+    rows: list[Row], report: Report, front_cost: float | None
+) -> tuple[str, list[dict[str, Any]]]:
+    """The process-design issue's targets for two front workers, each with its verdict: against
+    the single process and the baseline's CONVSERVE_WORKERS=2 (copies-2) at 32 clients, against
+    the in-process batch-1 time at one client, and what one more worker costs."""
+    table: list[list[str]] = []
+    verdicts: list[dict[str, Any]] = []
+
+    def add(goal: str, measured: str, required: str, met: bool) -> None:
+        table.append([goal, measured, required, "met" if met else "NOT met"])
+        verdicts.append({"goal": goal, "measured": measured, "required": required, "met": met})
+
+    for model in sorted({r.model for r in rows}):
+        floor = 1.5 if model in SMALL else 1.0
+        single = by_pass(rows, model, TWO, "single")
+        if single is not None:
+            add(f"{model}, 32 clients: 2 workers >= {floor:.1f}x the single process",
+                f"{single[0]:.2f}x ({single[1]})", f">= {floor:.1f}x",
+                single[0] >= floor)  # fmt: skip
+        old = by_pass(rows, model, TWO, "copies-2") if model in SMALL else None
+        if old is not None:
+            add(f"{model}, 32 clients: 2 workers not below the baseline's CONVSERVE_WORKERS=2",
+                f"{old[0]:.2f}x ({old[1]})", ">= 1.0x", old[0] >= 1.0)  # fmt: skip
+        two, one = find(rows, TWO, model), find(rows, "single", model)
+        mine = None if two is None or two.at_32 is None else two.at_32.mean_batch
+        theirs = None if one is None or one.at_32 is None else one.at_32.mean_batch
+        if mine is not None and theirs is not None:
+            add(f"{model}, 32 clients: mean batch with 2 workers >= the single process's",
+                f"{mine:.1f} against {theirs:.1f}", f">= {theirs:.1f}", mine >= theirs)  # fmt: skip
+        limit = batch_one(report, model)
+        if two is not None and two.at_1 is not None and limit is not None:
+            hop = ("" if one is None or one.at_1 is None else
+                   f"; the hop: {two.at_1.p50_ms - one.at_1.p50_ms:+.2f} ms against the "
+                   f"single process's {one.at_1.p50_ms:.2f}")  # fmt: skip
+            add(f"{model}, 1 client: p50 with 2 workers <= in-process batch-1 + 3 ms",
+                f"{two.at_1.p50_ms:.2f} ms{hop}",
+                f"<= {limit[0] + 3:.2f} ms (batch-1 {limit[0]:.2f} ms, {limit[1]})",
+                two.at_1.p50_ms <= limit[0] + 3)  # fmt: skip
+    if front_cost is not None:
+        add("one more front worker costs <= 150 MB", f"{front_cost:.0f} MB", "<= 150 MB",
+            front_cost <= 150)  # fmt: skip
+    return markdown_table(["target", "measured", "required", "verdict"], table), verdicts
+
+
 def paper(rows: list[Row], gpu: float | None) -> tuple[str, dict[str, Any]]:
     """The HTTP + decode rate per front core measured here, times 15 front cores of a 16-core
     GPU node, against a GPU forward rate the caller supplies: nothing of the GPU is measured."""
@@ -373,6 +440,7 @@ def document(rows: list[Row], layouts: list[Layout], report: Report, options: ar
     check, largest = front_check(rows)
     estimate, facts = paper(rows, options.gpu_images_per_s)
     speed, latency, memory, cpu = tables(rows, report)
+    goals, verdicts = targets(rows, report, largest)
     text = "\n\n".join([
         f"# Process layouts\n\nMachine: {report.machine}\n\nBaseline commit {baseline}; "
         f"{options.duration:g} s per sample, {options.rounds} round(s), "
@@ -384,6 +452,9 @@ def document(rows: list[Row], layouts: list[Layout], report: Report, options: ar
         "what HTTP and the hop between processes add.\n\n" + latency,
         "## Memory (whole process tree, from /proc)\n\n" + memory + "\n\n" + check,
         "## CPU during the 32-client runs\n\n" + cpu,
+        "## Against the targets\n\nTwo front workers (`front-2`); a ratio at 32 clients is "
+        "the median of its passes' ratios, each pass running every layout in turn.\n\n"
+        + goals,
         estimate,
     ])  # fmt: skip
     payload = {
@@ -394,6 +465,7 @@ def document(rows: list[Row], layouts: list[Layout], report: Report, options: ar
         "inprocess": report.inprocess,
         "rows": [asdict(r) for r in rows],
         "largest_front_mb": largest,
+        "targets": verdicts,
         "paper": facts,
     }  # fmt: skip
     return text, payload

@@ -87,6 +87,21 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+class Verdicts:
+    """Targets and whether a run met them: a markdown table for people, records for JSON."""
+
+    def __init__(self) -> None:
+        self.rows: list[list[str]] = []
+        self.records: list[dict[str, Any]] = []
+
+    def add(self, goal: str, measured: str, required: str, met: bool) -> None:
+        self.rows.append([goal, measured, required, "met" if met else "NOT met"])
+        self.records.append({"goal": goal, "measured": measured, "required": required, "met": met})
+
+    def table(self) -> str:
+        return markdown_table(["target", "measured", "required", "verdict"], self.rows)
+
+
 def process_tree(pid: int) -> list[int]:
     """A process and all its live descendants (uvicorn workers, a peer's workers, a JVM)."""
     found = [pid]

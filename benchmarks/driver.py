@@ -40,6 +40,7 @@ from PIL import Image
 from benchmarks.common import (
     RESULTS,
     Server,
+    Verdicts,
     forward,
     free_port,
     machine,
@@ -432,12 +433,8 @@ def limit(report: Report, model: str) -> tuple[float, str, float]:
 
 
 def targets_table(report: Report) -> tuple[str, list[dict[str, Any]]]:
-    rows: list[list[str]] = []
-    verdicts: list[dict[str, Any]] = []
-
-    def add(goal: str, measured: str, required: str, met: bool) -> None:
-        rows.append([goal, measured, required, "met" if met else "NOT met"])
-        verdicts.append({"goal": goal, "measured": measured, "required": required, "met": met})
+    verdicts = Verdicts()
+    add = verdicts.add
 
     def at(target: str, model: str, clients: int) -> LoadResult | None:
         key = (target, model, clients)
@@ -496,7 +493,7 @@ def targets_table(report: Report) -> tuple[str, list[dict[str, Any]]]:
                 "<= 2x",
                 row["ratio"] <= 2,
             )
-    return markdown_table(["target", "measured", "required", "verdict"], rows), verdicts
+    return verdicts.table(), verdicts.records
 
 
 def inprocess_rows(report: Report) -> list[list[str]]:

@@ -37,7 +37,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import machine, markdown_table, process_tree, write_results
+from benchmarks.common import Verdicts, machine, markdown_table, process_tree, write_results
 from benchmarks.driver import (
     ROOT,
     LoadResult,
@@ -362,13 +362,8 @@ def targets(
     """The process-design issue's targets for two front workers, each with its verdict: against
     the single process and the baseline's CONVSERVE_WORKERS=2 (copies-2) at 32 clients, against
     the in-process batch-1 time at one client, and what one more worker costs."""
-    table: list[list[str]] = []
-    verdicts: list[dict[str, Any]] = []
-
-    def add(goal: str, measured: str, required: str, met: bool) -> None:
-        table.append([goal, measured, required, "met" if met else "NOT met"])
-        verdicts.append({"goal": goal, "measured": measured, "required": required, "met": met})
-
+    verdicts = Verdicts()
+    add = verdicts.add
     for model in sorted({r.model for r in rows}):
         floor = 1.5 if model in SMALL else 1.0
         single = by_pass(rows, model, TWO, "single")
@@ -398,7 +393,7 @@ def targets(
     if front_cost is not None:
         add("one more front worker costs <= 150 MB", f"{front_cost:.0f} MB", "<= 150 MB",
             front_cost <= 150)  # fmt: skip
-    return markdown_table(["target", "measured", "required", "verdict"], table), verdicts
+    return verdicts.table(), verdicts.records
 
 
 def paper(rows: list[Row], gpu: float | None) -> tuple[str, dict[str, Any]]:
@@ -413,7 +408,7 @@ def paper(rows: list[Row], gpu: float | None) -> tuple[str, dict[str, Any]]:
              f"measured here ({rate_g}).", ""]  # fmt: skip
     facts: dict[str, Any] = {"front_cores": 15, "gpu_images_per_s": gpu}
     for model, body in (("digits", "28x28 digit"), ("resnet18", "640x480 photo to 224x224")):
-        row = next((r for r in rows if (r.config, r.model) == ("front-1", model)), None)
+        row = find(rows, "front-1", model)
         rate = None if row is None else front_rate(row)
         if row is None or row.at_32 is None or rate is None:
             lines.append(f"- {model}: front-1 did not run with a front worker: no per-core rate.")

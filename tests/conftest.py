@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -17,11 +18,19 @@ from service.app import create_app
 from service.config import Settings
 from tests.support import BUNDLED_STORE
 
+CACHE_HOME = pytest.StashKey[str]()
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Derived files (ONNX exports, engine decisions) of every test and test server go to a
     cache of this run, not the user's ~/.cache/convserve."""
-    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="convserve-tests-cache-")
+    config.stash[CACHE_HOME] = tempfile.mkdtemp(prefix="convserve-tests-cache-")
+    os.environ["XDG_CACHE_HOME"] = config.stash[CACHE_HOME]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The run's cache goes with the run: left behind, every run leaked one into /tmp."""
+    shutil.rmtree(config.stash.get(CACHE_HOME, ""), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -55,7 +55,6 @@ from service.classifier import Classifier
 from service.config import default_cache
 from service.engines import Engine, OnnxEngine
 from service.imaging import DecodeLimits, prepare_image
-from service.importing import import_own, import_torchvision
 from service.store import ModelStore
 from service.torch_engine import ensure_onnx
 
@@ -110,7 +109,11 @@ def photo() -> bytes:
     return out.getvalue()
 
 
-def prepare_models(workdir: Path, names: list[str]) -> list[Model]:
+def prepare_models(workdir: Path, names: list[str], threads: int) -> list[Model]:
+    """The stores the servers load. The random-init ones are written by `convserve import`, as
+    a user would, which also records the engine decision for `threads` in the user's cache:
+    each import's model.json is new (it records the time), so without that the first server
+    of a run would measure its engines and load torch, and its memory row would show it."""
     picture = photo()
     models = []
     for name in names:
@@ -118,16 +121,22 @@ def prepare_models(workdir: Path, names: list[str]) -> list[Model]:
             body = (ROOT / "docs" / "examples" / "digit-4.jpg").read_bytes()
             models.append(Model("digits", ROOT / "model_store", body, "bundled, 1x28x28"))
         elif name == "seed":
-            store = ModelStore(workdir / "seed")
-            import_own(
-                store, "small_cnn", "seed", weights=None, input_shape=(3, 32, 32), classes=10
-            )
-            models.append(Model("seed", store.root, picture, "seed SmallCNN, 3x32x32, random init"))
+            store = imported(workdir / "seed", threads, "small_cnn", "--name", "seed",
+                             "--input", "3x32x32", "--classes", "10")  # fmt: skip
+            models.append(Model("seed", store, picture, "seed SmallCNN, 3x32x32, random init"))
         elif name == "resnet18":
-            store = ModelStore(workdir / "resnet18")
-            import_torchvision(store, "resnet18", "resnet18", weights=None)
-            models.append(Model("resnet18", store.root, picture, "resnet18, random init, 224x224"))
+            store = imported(workdir / "resnet18", threads, "resnet18")
+            models.append(Model("resnet18", store, picture, "resnet18, random init, 224x224"))
     return models
+
+
+def imported(store: Path, threads: int, *arguments: str) -> Path:
+    """`convserve import ARGUMENTS --random-init` into a new store (seeded: the same weights
+    every run)."""
+    env = {**os.environ, "CONVSERVE_STORE": str(store), "CONVSERVE_THREADS": str(threads)}
+    subprocess.run([sys.executable, "-m", "service", "import", *arguments, "--random-init"],
+                   env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    return store
 
 
 # ---- the in-process limit -------------------------------------------------------------------
@@ -606,7 +615,7 @@ def main() -> None:
         for name in args.targets:
             if name in PEERS:
                 PEERS[name].setup()
-        models = prepare_models(workdir, args.models)
+        models = prepare_models(workdir, args.models, args.threads)
         for model in models:
             print(f"== {model.name} ({model.note})", flush=True)
             inprocess(model, report)

@@ -244,7 +244,9 @@ def main() -> None:
             PEERS[name].setup()  # once: later calls find the venv's stamp
     samples: list[Sample] = []
     with tempfile.TemporaryDirectory(prefix="ready-") as tmp:
-        models = {m.name: m for m in prepare_models(Path(tmp), ["digits", "resnet18"])}
+        models = {
+            m.name: m for m in prepare_models(Path(tmp), ["digits", "resnet18"], options.threads)
+        }
         references = {name: expected_answer(model) for name, model in models.items()}
         expected = {name: int(found["class_index"]) for name, found in references.items()}
         plan = cases(models, options.servers, Path(tmp) / "cache")

@@ -504,7 +504,7 @@ def main() -> None:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as stack:
         old = stack.enter_context(checkout(baseline)) if any(c.baseline for c in layouts) else ROOT
-        for model in prepare_models(Path(folder), options.models):
+        for model in prepare_models(Path(folder), options.models, options.threads):
             print(f"== {model.name} ({model.note})", flush=True)
             inprocess(model, report, sizes=(1,))
             body_file = Path(folder) / f"{model.name}.jpg"

@@ -188,17 +188,31 @@ class Batcher:
 
     async def results(self, jobs: list[Job], deadline: float) -> list[Answer]:
         """Every job's outcome, in order. Past the deadline, jobs still queued are dropped unrun
-        (504); a request whose images are all in a running batch still gets its answer."""
-        waiting = asyncio.ensure_future(gather_first_error([job.future for job in jobs]))
-        done, _ = await asyncio.wait({waiting}, timeout=max(deadline - time.monotonic(), 0.0))
-        if not done and not all(job.taken for job in jobs):
-            for job in jobs:
-                job.future.cancel()  # the worker skips cancelled jobs; taken ones finish unused
-            with contextlib.suppress(asyncio.CancelledError, ServiceError):
-                await waiting
+        (504); a request whose images are all in a running batch still gets its answer. A
+        caller cancelled (its client hung up) cancels its jobs, so those still queued never run.
+        A timer rather than a task and a wait: this runs once for every request."""
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            if not all(job.taken for job in jobs):
+                expired = True
+                for job in jobs:
+                    job.future.cancel()  # the worker skips cancelled jobs; taken ones finish unused
+
+        timer = asyncio.get_running_loop().call_later(max(deadline - time.monotonic(), 0.0), expire)
+        try:
+            return await gather_first_error([job.future for job in jobs])
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not expired or (task is not None and task.cancelling()):
+                raise
             metrics.REJECTED.labels(self._labels[0], metrics.DEADLINE).inc()
-            raise DeadlineExceededError("the request waited in the queue past its deadline")
-        return await waiting
+            raise DeadlineExceededError(
+                "the request waited in the queue past its deadline"
+            ) from None
+        finally:
+            timer.cancel()
 
     async def _wait_for_more(self) -> None:
         """Hold the batch while decodes are in flight, up to max_delay after the oldest arrival."""

@@ -147,6 +147,55 @@ def test_queued_requests_past_their_deadline_get_504_unrun(
     assert answering == ({1, 2} if canary else {1})
 
 
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_clients_that_hang_up_leave_their_queued_images_unrun(
+    tmp_path: Path, resnet_store: Path, workers: str
+) -> None:
+    """Small pictures decode at once and queue for resnet18, one image per forward pass; every
+    client gives up after five times a lone request's time, when most of them are still
+    queued. Those never run."""
+    env = {"CONVSERVE_STORE": str(resnet_store), "CONVSERVE_MAX_BATCH_SIZE": "1",
+           "CONVSERVE_CACHE_ENTRIES": "0", "CONVSERVE_WORKERS": workers}  # fmt: skip
+    sent = 32
+    pictures = [png_bytes(digit_picture(d, size=32), "JPEG") for d in held_out_digits(sent)]
+    with running_server(tmp_path, env) as server:
+        times = []
+        for body in pictures[:8]:
+            started = time.perf_counter()
+            assert httpx.post(f"{server.url}/predict", content=body, headers=JPEG).is_success
+            times.append(time.perf_counter() - started)
+        patience = 5 * min(times)
+        before = httpx.get(f"{server.url}/metrics").text
+
+        def give_up(body: bytes) -> str:
+            try:
+                httpx.post(f"{server.url}/predict", content=body, headers=JPEG, timeout=patience)
+            except httpx.TimeoutException:
+                return "gave up"
+            return "answered"
+
+        with ThreadPoolExecutor(sent) as pool:
+            outcomes = list(pool.map(give_up, pictures))
+        deadline = time.monotonic() + 30
+        while True:  # until nothing is queued, decoding or running any more
+            after = httpx.get(f"{server.url}/metrics").text
+            busy = metric_value(after, "convserve_queue_depth") + metric_value(
+                after, "convserve_inflight_requests"
+            )
+            if busy == 0:
+                break
+            assert time.monotonic() < deadline, f"still busy: {busy}"
+            time.sleep(0.2)
+        time.sleep(1.0)  # a batch that was running when the queue emptied has counted itself
+        after = httpx.get(f"{server.url}/metrics").text
+        assert httpx.get(f"{server.url}/health/ready").status_code == 200
+    ran = metric_value(after, "convserve_images_total") - metric_value(
+        before, "convserve_images_total"
+    )
+    assert outcomes.count("gave up") >= sent // 2, outcomes
+    assert ran <= sent - outcomes.count("gave up") // 2, (ran, outcomes)
+
+
 def test_heatmaps_and_the_explorer_are_admitted_like_predictions(
     tmp_path: Path, resnet_store: Path
 ) -> None:

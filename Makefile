@@ -64,6 +64,7 @@ bench: $(STAMP) ## benchmark against the in-process limit, a naive server, peers
 	$(BIN)/python -m benchmarks.driver
 	$(BIN)/python -m benchmarks.engines
 	$(BIN)/python -m benchmarks.workers
+	$(BIN)/python -m benchmarks.model_process
 	$(BIN)/python -m benchmarks.first_request
 	$(BIN)/python -m benchmarks.ready
 	$(BIN)/python -m benchmarks.swap

@@ -6,13 +6,15 @@ with no HTTP and no decoding in front.
 
 Starts `python -m service.modelhost` on a Unix socket, as the supervisor does, and drives it
 from --callers processes that speak the front workers' protocol (service.link.RemoteModels).
-Each keeps --inflight requests going, each request as a front worker makes it: route, admit one
-image, write its array into shared memory, run. Reports requests/s, the model process's CPU
-(cores, and microseconds per request), the mean batch, and the forward pass's own CPU per image
-at that batch size (the engine the model process chose, in this process, the same threads).
-The difference is the model process's own work per request (the three calls, batching,
-metrics): the part a faster device does not shrink. On a node where many front workers feed
-one device, it sets the ceiling of the one model process (docs/benchmarks.md, "Processes").
+Each keeps --inflight requests going, each made as a front worker makes it for the model's
+benchmark image: admit one image, write its array into shared memory, run; first route it too
+when the image is over 64 KiB (service.api.uploads.small_body). Reports requests/s, the model
+process's CPU (cores, and microseconds per request), the mean batch, and the forward pass's own
+CPU per image at that batch size (the engine the model process chose, in this process, the
+same threads). The difference is the model process's own work per request (the calls,
+batching, metrics): the part a faster device does not shrink. On a node where many front
+workers feed one device, it sets the ceiling of the one model process (docs/benchmarks.md,
+"Processes").
 Writes benchmarks/results/model_process.json and model_process.md.
 """
 
@@ -34,6 +36,7 @@ import uvloop
 
 from benchmarks.common import markdown_table, write_results
 from benchmarks.driver import CPU, ROOT, Model, prepare_models, process_cpu
+from service.api.uploads import SMALL_BODY_BYTES
 from service.channel import Forward
 from service.config import Settings, default_cache
 from service.engines import ENGINES, Engine, make_engine
@@ -49,6 +52,7 @@ WARMUP_S = 2.0
 class Row:
     model: str
     engine: str
+    calls: int  # to the model process per request: 2, or 3 with the route before the body
     callers: int
     inflight: int
     requests_per_s: float
@@ -67,9 +71,12 @@ class Row:
 # ---- a caller: one process, as a front worker ------------------------------------------------
 
 
-async def _drive(socket_path: Path, model: str, inflight: int, start: float, end: float) -> None:
-    """Keep `inflight` requests going until `end`; print how many ended in [start, end], and
-    the sum of 1/batch size over them (so the parent can count batches)."""
+async def _drive(
+    socket_path: Path, model: str, routed: bool, inflight: int, start: float, end: float
+) -> None:
+    """Keep `inflight` requests going until `end`, each routed first when `routed`; print how
+    many ended in [start, end], and the sum of 1/batch size over them (so the parent can count
+    batches)."""
     remote = RemoteModels(socket_path, ARENA_BYTES, lambda: None)
     await remote.start()
     await remote.wait_ready(lambda: time.monotonic() > end)
@@ -80,7 +87,8 @@ async def _drive(socket_path: Path, model: str, inflight: int, start: float, end
     async def requests() -> None:
         nonlocal done, batches
         while time.monotonic() < end:
-            await remote.route(model, None)
+            if routed:
+                await remote.route(model, None)
             async with remote.admit(model, None, 1) as ticket:
                 (answer,) = await remote.run(ticket, [array], end + 60, None, None)
             if start <= time.monotonic() <= end:
@@ -93,8 +101,10 @@ async def _drive(socket_path: Path, model: str, inflight: int, start: float, end
 
 
 def caller_main(argv: list[str]) -> None:
-    socket_path, model, inflight, start, end = argv
-    uvloop.run(_drive(Path(socket_path), model, int(inflight), float(start), float(end)))
+    socket_path, model, routed, inflight, start, end = argv
+    uvloop.run(
+        _drive(Path(socket_path), model, routed == "1", int(inflight), float(start), float(end))
+    )
 
 
 # ---- the parent --------------------------------------------------------------------------------
@@ -132,7 +142,29 @@ def _forward_us(model: Model, engine_name: str, threads: int, batch: int) -> flo
     return (time.process_time() - started) / (calls * batch) * 1e6
 
 
-def measure(model: Model, options: argparse.Namespace, folder: Path) -> Row:
+def _window(socket_path: Path, pid: int, model: str, routed: bool,
+            options: argparse.Namespace) -> tuple[float, float, float]:  # fmt: skip
+    """Requests done, batches and the model process's CPU seconds over one measured window."""
+    start = time.monotonic() + WARMUP_S
+    end = start + options.seconds
+    flag = "1" if routed else "0"
+    caller = [sys.executable, "-m", "benchmarks.model_process", "--caller", str(socket_path),
+              model, flag, str(options.inflight), str(start), str(end)]  # fmt: skip
+    callers = [
+        subprocess.Popen(caller, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        for _ in range(options.callers)
+    ]
+    time.sleep(max(start - time.monotonic(), 0.0))
+    cpu_before = process_cpu(pid)
+    time.sleep(max(end - time.monotonic(), 0.0))
+    cpu = process_cpu(pid) - cpu_before
+    counts = [json.loads(c.communicate(timeout=120)[0].strip().splitlines()[-1]) for c in callers]
+    return sum(c["requests"] for c in counts), sum(c["batches"] for c in counts), cpu
+
+
+def measure(model: Model, options: argparse.Namespace, folder: Path) -> list[Row]:
+    """As a front worker calls for the model's benchmark image; for a small one (2 calls) also
+    routed first (3 calls, as for a body over 64 KiB), against the same model process."""
     settings = Settings.from_env({"CONVSERVE_STORE": str(model.store),
                                   "CONVSERVE_MODELS": model.name,
                                   "CONVSERVE_THREADS": str(options.threads),
@@ -142,33 +174,22 @@ def measure(model: Model, options: argparse.Namespace, folder: Path) -> Row:
     Path(env["PROMETHEUS_MULTIPROC_DIR"]).mkdir()
     command = [sys.executable, "-m", "service.modelhost", json.dumps(settings.to_env()),
                str(socket_path)]  # fmt: skip
+    variants = [True] if len(model.body) > SMALL_BODY_BYTES else [False, True]
     host = subprocess.Popen(command, env=env, cwd=ROOT, stdin=subprocess.DEVNULL)
     try:
         engine_name = uvloop.run(_engine_name(socket_path, model.name))
-        start = time.monotonic() + WARMUP_S
-        end = start + options.seconds
-        caller = [sys.executable, "-m", "benchmarks.model_process", "--caller", str(socket_path),
-                  model.name, str(options.inflight), str(start), str(end)]  # fmt: skip
-        callers = [
-            subprocess.Popen(caller, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-            for _ in range(options.callers)
-        ]
-        time.sleep(max(start - time.monotonic(), 0.0))
-        cpu_before = process_cpu(host.pid)
-        time.sleep(max(end - time.monotonic(), 0.0))
-        cpu = process_cpu(host.pid) - cpu_before
-        counts = [json.loads(c.communicate(timeout=120)[0].strip().splitlines()[-1])
-                  for c in callers]  # fmt: skip
+        windows = [_window(socket_path, host.pid, model.name, v, options) for v in variants]
     finally:
         host.terminate()
         host.wait(timeout=30)
-    done = sum(c["requests"] for c in counts)
-    batches = sum(c["batches"] for c in counts)
-    mean_batch = done / batches if batches else 0.0
-    forward = _forward_us(model, engine_name, options.threads, max(round(mean_batch), 1))
-    return Row(model.name, engine_name, options.callers, options.inflight,
-               done / options.seconds, cpu / options.seconds, cpu / max(done, 1) * 1e6,
-               mean_batch, forward)  # fmt: skip
+    rows = []
+    for routed, (done, batches, cpu) in zip(variants, windows, strict=True):
+        mean_batch = done / batches if batches else 0.0
+        forward = _forward_us(model, engine_name, options.threads, max(round(mean_batch), 1))
+        rows.append(Row(model.name, engine_name, 3 if routed else 2, options.callers,
+                        options.inflight, done / options.seconds, cpu / options.seconds,
+                        cpu / max(done, 1) * 1e6, mean_batch, forward))  # fmt: skip
+    return rows
 
 
 def _us(value: float | None) -> str:
@@ -177,9 +198,9 @@ def _us(value: float | None) -> str:
 
 def document(rows: list[Row], options: argparse.Namespace) -> str:
     table = markdown_table(
-        ["model", "engine", "requests/s", "model process cores", "CPU us per request",
+        ["model", "engine", "calls", "requests/s", "model process cores", "CPU us per request",
          "mean batch", "forward us per image", "own work us per request"],
-        [[r.model, r.engine, f"{r.requests_per_s:.0f}", f"{r.model_cores:.2f}",
+        [[r.model, r.engine, str(r.calls), f"{r.requests_per_s:.0f}", f"{r.model_cores:.2f}",
           f"{r.model_us_per_request:.0f}", f"{r.mean_batch:.1f}",
           f"{r.forward_us_per_image:.0f}", _us(r.own_us_per_request)] for r in rows],
     )  # fmt: skip
@@ -191,7 +212,8 @@ def document(rows: list[Row], options: argparse.Namespace) -> str:
     )
     return (
         f"# The model process alone\n\n{options.callers} caller processes x {options.inflight} "
-        f"requests in flight (route, admit, run, as a front worker), {options.seconds:.0f} s, "
+        f"requests in flight (calls: per request, as a front worker makes them for the model's "
+        f"benchmark image), {options.seconds:.0f} s, "
         f"CONVSERVE_THREADS={options.threads}; {os.cpu_count()} cores, shared with the callers."
         f"\n\n{table}\n\n{ceilings}\n"
     )
@@ -214,12 +236,12 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for model in prepare_models(Path(folder), options.models, options.threads):
-            rows.append(measure(model, options, Path(folder)))
-            row = rows[-1]
-            print(f"  {row.model}: {row.requests_per_s:.0f} req/s, model process "
-                  f"{row.model_us_per_request:.0f} us CPU per request "
-                  f"(forward {row.forward_us_per_image:.0f}), mean batch {row.mean_batch:.1f}",
-                  flush=True)  # fmt: skip
+            for row in measure(model, options, Path(folder)):
+                rows.append(row)
+                print(f"  {row.model}, {row.calls} calls: {row.requests_per_s:.0f} req/s, model "
+                      f"process {row.model_us_per_request:.0f} us CPU per request (forward "
+                      f"{row.forward_us_per_image:.0f}), mean batch {row.mean_batch:.1f}",
+                      flush=True)  # fmt: skip
     text = document(rows, options)
     payload = {
         "options": vars(options),

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Protocol, TypeVar, cast
+from typing import Literal, Protocol, TypeVar, cast, overload
 
 import msgspec
 import numpy as np
@@ -41,6 +41,7 @@ from service.errors import (
     ImageNotHeldError,
     InvalidParameterError,
     LayerNotFoundError,
+    QueueFullError,
     ServiceError,
     ShuttingDownError,
 )
@@ -352,15 +353,44 @@ class Requests:
         """The version this request reaches, drawn once for a rollout's canary (rollout_draw)."""
         return await self.models.route(name, version, rollout_draw())
 
+    @overload
+    async def route_body(
+        self,
+        name: str | None,
+        version: str | None,
+        read: Callable[[], Awaitable[T]],
+        check: Callable[[Route], object] = ...,
+        *,
+        small: Literal[False] = False,
+    ) -> tuple[Route, T]: ...
+
+    @overload
+    async def route_body(
+        self,
+        name: str | None,
+        version: str | None,
+        read: Callable[[], Awaitable[T]],
+        check: Callable[[Route], object] = ...,
+        *,
+        small: bool,
+    ) -> tuple[Route | None, T]: ...
+
     async def route_body(
         self,
         name: str | None,
         version: str | None,
         read: Callable[[], Awaitable[T]],
         check: Callable[[Route], object] = lambda route: None,
-    ) -> tuple[Route, T]:
+        *,
+        small: bool = False,
+    ) -> tuple[Route | None, T]:
         """Route and run the adapter's checks before the body arrives (a 404 or 503 costs the
-        client no upload), then read it. classify() resolves again: a swap may land meanwhile."""
+        client no upload), then read it. classify() resolves again: a swap may land meanwhile.
+        A `small` body, one that came with the request's head, is read first and left
+        unrouted (None): its admission routes it, one call to the model process fewer."""
+        if small:
+            with tracing.span("read body"):
+                return None, await read()
         route = await self.route(name, version)
         check(route)
         with tracing.span("read body"):
@@ -418,7 +448,8 @@ class Requests:
 
     async def classify(
         self,
-        first: Route,
+        first: Route | None,
+        name: str | None,
         version: str | None,
         items: Sequence[Image | np.ndarray],
         deadline: float,
@@ -430,21 +461,21 @@ class Requests:
         capture: bool = True,
     ) -> Classified:
         """Images (bytes to decode, or (C, H, W) arrays already preprocessed) -> one answer
-        each, in order, with its heatmap drawn over the picture when `paint`. A request whose
-        every image was answered before comes from the response cache. Images the capture
-        rules pick are handed to its writer (service.capture) unless `capture` is False (the
-        review page looking at what was captured)."""
+        each, in order, with its heatmap drawn over the picture when `paint`. `first` is the
+        route_body() route, None for a request its admission routes (model `name`). A request
+        whose every image was answered before comes from the response cache. Images the
+        capture rules pick are handed to its writer (service.capture) unless `capture` is
+        False (the review page looking at what was captured)."""
         digests = await self._digests(items)
-        if digests is not None:
-            keys = self.answers.keys(first, digests, explain(first), target)
-            found = self.answers.lookup(first.name, keys)
+        if first is not None:
+            found = self._cached(first, digests, explain, target)
             if found is not None:
-                return Classified(
-                    first, [c.answer for c in found], [c.overlay for c in found], cached=True
-                )
+                return found
         classified = await self._classify(
-            first, version, items, deadline, explain, target, paint, check
+            first, name, version, items, digests, deadline, explain, target, paint, check
         )
+        if classified.cached:
+            return classified
         if digests is not None:
             route = classified.route
             keys = self.answers.keys(route, digests, explain(route), target)
@@ -453,6 +484,37 @@ class Requests:
         if capture and self.capture is not None:
             self._capture(classified, items)
         return classified
+
+    def _cached(
+        self,
+        route: Route,
+        digests: list[bytes] | None,
+        explain: Callable[[Route], Explain | None],
+        target: int | None,
+    ) -> Classified | None:
+        """The request's answers from the response cache, when it holds every image's."""
+        if digests is None:
+            return None
+        keys = self.answers.keys(route, digests, explain(route), target)
+        found = self.answers.lookup(route.name, keys)
+        if found is None:
+            return None
+        return Classified(route, [c.answer for c in found], [c.overlay for c in found], cached=True)
+
+    async def _cached_unrouted(
+        self,
+        first: Route | None,
+        name: str | None,
+        version: str | None,
+        digests: list[bytes] | None,
+        explain: Callable[[Route], Explain | None],
+        target: int | None,
+    ) -> Classified | None:
+        """For a request its admission was to route (`first` None) and whose admission was
+        refused: its answers from the cache, routed now (a routed request's were looked up)."""
+        if first is not None or digests is None:
+            return None
+        return self._cached(await self.route(name, version), digests, explain, target)
 
     def _capture(self, classified: Classified, items: Sequence[Image | np.ndarray]) -> None:
         """Offer the request's encoded images (not preprocessed tensors) to the capture."""
@@ -479,9 +541,11 @@ class Requests:
 
     async def _classify(
         self,
-        first: Route,
+        first: Route | None,
+        name: str | None,
         version: str | None,
         items: Sequence[Image | np.ndarray],
+        digests: list[bytes] | None,
         deadline: float,
         explain: Callable[[Route], Explain | None],
         target: int | None,
@@ -490,9 +554,24 @@ class Requests:
     ) -> Classified:
         """Decode and run. The queue places are taken before decoding, so a flood is refused
         before it costs a decode, and a forming batch knows these images are coming."""
-        async with self.models.admit(first.name, version, len(items), rollout_draw()) as ticket:
+        wanted = name if first is None else first.name
+        async with contextlib.AsyncExitStack() as stack:
+            admission = self.models.admit(wanted, version, len(items), rollout_draw())
+            try:
+                ticket = await stack.enter_async_context(admission)
+            except QueueFullError:  # an answer the cache holds needs no queue place
+                found = await self._cached_unrouted(first, name, version, digests, explain, target)
+                if found is None:
+                    raise
+                check(found.route)
+                return found
             route = ticket.route
-            if _moved(first, route):
+            if first is None:  # routed here: the checks and the cache route_body did not run
+                check(route)
+                found = self._cached(route, digests, explain, target)
+                if found is not None:
+                    return found  # the queue places, unused, are given back
+            elif _moved(first, route):
                 check(route)
                 if route.input != first.input and any(
                     isinstance(item, np.ndarray) for item in items
@@ -541,7 +620,8 @@ class Requests:
 
     async def open_layer(
         self,
-        first: Route,
+        first: Route | None,
+        name: str | None,
         version: str | None,
         image: Image,
         layer: str,
@@ -549,10 +629,11 @@ class Requests:
         check: Callable[[Route], object],
     ) -> tuple[Route, bytes]:
         """The explorer: decode one image, then its own pass through the model, admitted on
-        the version's queue (so retiring the version waits for it)."""
-        async with self.models.admit(first.name, version, 1, rollout_draw()) as ticket:
+        the version's queue (so retiring the version waits for it). `first` as classify's."""
+        wanted = name if first is None else first.name
+        async with self.models.admit(wanted, version, 1, rollout_draw()) as ticket:
             route = ticket.route
-            if _moved(first, route):
+            if first is None or _moved(first, route):
                 check(route)
             (prepared,) = await self.prepare(route, [image], deadline, keep_display=False)
             try:

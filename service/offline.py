@@ -265,7 +265,7 @@ class Run:
 
         try:
             classified = await self.requests.classify(
-                route, str(route.version), [Image("body", data)], deadline,
+                route, route.name, str(route.version), [Image("body", data)], deadline,
                 explain=explain, paint=method is not None,
             )  # fmt: skip
         except ServiceError as exc:

@@ -105,6 +105,42 @@ def test_overload_sheds_fast_and_admitted_requests_complete(
     assert max(t for t, _ in shed) < slowest_admitted  # refusals do not wait for the model
 
 
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_full_queue_still_lets_the_cache_answer(
+    tmp_path: Path, resnet_store: Path, workers: str
+) -> None:
+    """A small image (read before it is routed, its admission routing it) that was answered
+    before is answered again from the cache while photos fill the queue: a hit needs no
+    queue place."""
+    env = {"CONVSERVE_STORE": str(resnet_store), "CONVSERVE_MAX_QUEUE": "2",
+           "CONVSERVE_MAX_BATCH_SIZE": "1", "CONVSERVE_WORKERS": workers}  # fmt: skip
+    small = png_bytes(digit_picture(held_out_digits(1)[0], size=32), "JPEG")
+    flood = photos(8) * 5
+    with running_server(tmp_path, env) as server:
+        first = httpx.post(f"{server.url}/predict", content=small, headers=JPEG)
+        assert first.status_code == 200, first.text
+        again: list[httpx.Response] = []
+        flooding = threading.Event()
+        flooding.set()
+
+        def ask_again() -> None:  # all through the flood
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                while flooding.is_set():
+                    again.append(client.post("/predict", content=small, headers=JPEG))
+                    time.sleep(0.02)
+
+        asker = threading.Thread(target=ask_again)
+        asker.start()
+        flooded = burst(server.url, "/predict", flood, JPEG)
+        flooding.clear()
+        asker.join()
+    statuses = [r.status_code for _, r in flooded]
+    assert statuses.count(503) >= 10, statuses  # the queue was full again and again
+    assert len(again) >= 10
+    assert {r.status_code for r in again} == {200}, [r.text for r in again if r.is_error]
+    assert all(r.json() == first.json() for r in again)
+
+
 @pytest.mark.parametrize("canary", [False, True])
 def test_queued_requests_past_their_deadline_get_504_unrun(
     tmp_path: Path, resnet_store: Path, canary: bool

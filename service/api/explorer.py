@@ -15,7 +15,7 @@ from service.api.dependencies import RequestsDep
 from service.api.hangup import unless_hung_up
 from service.api.openapi import ImageUploadOperation, problems
 from service.api.predict import ImageQuery, KeepQuery, VersionQuery
-from service.api.uploads import kept_header, read_images
+from service.api.uploads import kept_header, read_images, small_body
 from service.errors import BadRequestError
 from service.inference import Route
 from service.layermaps import LayerMaps
@@ -54,12 +54,12 @@ async def maps(
             annotate(request, model=route.name, version=route.version, layer=layer)
             route.conv_layer(layer)  # 404 naming the conv layers
 
+        read = partial(read_images, request, requests, deadline, image, keep)
         first, sent = await requests.route_body(
-            name, version, partial(read_images, request, requests, deadline, image, keep), check
+            name, version, read, check, small=small_body(request)
         )
         if len(sent.uploads) != 1:
             raise BadRequestError(f"send one image to look inside a layer; got {len(sent.uploads)}")
-        _, body = await unless_hung_up(
-            request, requests.open_layer(first, version, sent.uploads[0], layer, deadline, check)
-        )
+        opened = requests.open_layer(first, name, version, sent.uploads[0], layer, deadline, check)
+        _, body = await unless_hung_up(request, opened)
         return Response(body, media_type=MediaType.JSON, headers=kept_header(sent))

@@ -18,7 +18,7 @@ from service.api.dependencies import RequestsDep
 from service.api.hangup import unless_hung_up
 from service.api.openapi import ImageUploadOperation, problems
 from service.api.schemas import Heatmap, ModelRef, PredictResponse, Result, top_predictions
-from service.api.uploads import Upload, kept_header, read_images
+from service.api.uploads import Upload, kept_header, read_images, small_body
 from service.errors import InvalidParameterError, NotAcceptableError
 from service.inference import Answer, Classified, Explain, Requests, Route
 
@@ -94,7 +94,8 @@ def _checker(
 async def _answer(
     request: Request[Any, Any, Any],
     requests: Requests,
-    first: Route,
+    first: Route | None,
+    name: str | None,
     version: str | None,
     uploads: list[Upload],
     deadline: float,
@@ -108,7 +109,7 @@ async def _answer(
         return None if method is None else Explain(method, route.heatmap_point(layer))
 
     return await requests.classify(
-        first, version, uploads, deadline, explain=explain, target=target,
+        first, name, version, uploads, deadline, explain=explain, target=target,
         paint=method is not None, check=_checker(request, method, layer, target),
     )  # fmt: skip
 
@@ -154,7 +155,7 @@ async def _predict(
     first, sent = await requests.route_body(
         name, version,
         partial(read_images, request, requests, deadline, ask.image, ask.keep),
-        _checker(request, method, layer, target),
+        _checker(request, method, layer, target), small=small_body(request),
     )  # fmt: skip
     uploads = sent.uploads
     if wants_png and len(uploads) != 1:
@@ -163,7 +164,7 @@ async def _predict(
         )
     classified = await unless_hung_up(
         request,
-        _answer(request, requests, first, version, uploads, deadline, method, layer, target),
+        _answer(request, requests, first, name, version, uploads, deadline, method, layer, target),
     )
     route = classified.route
     annotate_answer(request, classified)

@@ -159,8 +159,9 @@ async def item_heatmap(
     with requests.admitted():
         first = await requests.models.route(model, version)
         explain(first)  # a version without heatmaps says so before any decode
+        deadline = time.monotonic() + requests.settings.deadline_s
         classified = await requests.classify(
-            first, version, [Image("body", data)], time.monotonic() + requests.settings.deadline_s,
+            first, model, version, [Image("body", data)], deadline,
             explain=explain, paint=True, check=explain, capture=False,
         )  # fmt: skip
     route, answer = classified.route, classified.answers[0]

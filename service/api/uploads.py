@@ -24,6 +24,7 @@ from service.errors import (
 from service.inference import Image, Requests
 
 RAW_TYPES = ("application/octet-stream",)
+SMALL_BODY_BYTES = 64 * 1024  # a body that arrives with its head, or nearly: read before routing
 CLOSE = {"Connection": "close"}
 REFUSED_IMAGE_TYPES = {
     "image/svg+xml": "SVG is a vector format; send a raster image (PNG, JPEG, ...)",
@@ -147,6 +148,16 @@ async def read_uploads(
 class Sent:
     uploads: list[Upload]
     kept: str | None = None  # the id of the image held for later requests: the Image-Id header
+
+
+def small_body(request: Request[Any, Any, Any]) -> bool:
+    """Whether the body is small enough to have come with the head (a declared length of at
+    most SMALL_BODY_BYTES, or none): reading it before routing costs the client nothing, and
+    the request's admission then routes it (Requests.route_body)."""
+    if "transfer-encoding" in request.headers:
+        return False
+    length = request.headers.get("content-length", "0").strip()
+    return length.isdigit() and int(length) <= SMALL_BODY_BYTES
 
 
 def _has_body(request: Request[Any, Any, Any]) -> bool:

@@ -121,7 +121,7 @@ async def _infer(
         parsed = await asyncio.to_thread(parse_request, body, header_length, limits)
     else:
         parsed = parse_request(body, header_length, limits)
-    work = requests.classify(first, version, parsed.items, deadline)
+    work = requests.classify(first, name, version, parsed.items, deadline)
     classified = await unless_hung_up(request, work)
     route = classified.route
     annotate_answer(request, classified)

@@ -228,15 +228,15 @@ class Inference(GRPCInferenceServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None:  # the client's own deadline, when sooner
             deadline = min(deadline, now + remaining)
-        version = request.model_version or None
-        first = await requests.route(request.model_name or None, version)
+        name, version = request.model_name or None, request.model_version or None
+        first = await requests.route(name, version)
         facts.update(model=first.name, version=first.version)
         limits = Limits(requests.settings.max_images, first.input_shape, len(first.labels))
         if sum(len(raw) for raw in request.raw_input_contents) > OFF_LOOP_BYTES:
             parsed = await asyncio.to_thread(parse_infer, request, limits)
         else:
             parsed = parse_infer(request, limits)
-        classified = await requests.classify(first, version, parsed.items, deadline)
+        classified = await requests.classify(first, name, version, parsed.items, deadline)
         route = classified.route
         facts.update(model=route.name, version=route.version)
         if classified.cached:

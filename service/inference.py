@@ -501,21 +501,6 @@ class Requests:
             return None
         return Classified(route, [c.answer for c in found], [c.overlay for c in found], cached=True)
 
-    async def _cached_unrouted(
-        self,
-        first: Route | None,
-        name: str | None,
-        version: str | None,
-        digests: list[bytes] | None,
-        explain: Callable[[Route], Explain | None],
-        target: int | None,
-    ) -> Classified | None:
-        """For a request its admission was to route (`first` None) and whose admission was
-        refused: its answers from the cache, routed now (a routed request's were looked up)."""
-        if first is not None or digests is None:
-            return None
-        return self._cached(await self.route(name, version), digests, explain, target)
-
     def _capture(self, classified: Classified, items: Sequence[Image | np.ndarray]) -> None:
         """Offer the request's encoded images (not preprocessed tensors) to the capture."""
         assert self.capture is not None
@@ -559,12 +544,14 @@ class Requests:
             admission = self.models.admit(wanted, version, len(items), rollout_draw())
             try:
                 ticket = await stack.enter_async_context(admission)
-            except QueueFullError:  # an answer the cache holds needs no queue place
-                found = await self._cached_unrouted(first, name, version, digests, explain, target)
-                if found is None:
-                    raise
-                check(found.route)
-                return found
+            except QueueFullError:
+                if first is None:  # routed now: checked and named as a routed request was
+                    route = await self.route(name, version)
+                    check(route)
+                    found = self._cached(route, digests, explain, target)
+                    if found is not None:
+                        return found  # an answer the cache holds needs no queue place
+                raise
             route = ticket.route
             if first is None:  # routed here: the checks and the cache route_body did not run
                 check(route)

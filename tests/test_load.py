@@ -111,7 +111,7 @@ def test_a_full_queue_still_lets_the_cache_answer(
 ) -> None:
     """A small image (read before it is routed, its admission routing it) that was answered
     before is answered again from the cache while photos fill the queue: a hit needs no
-    queue place."""
+    queue place. The small photos refused meanwhile count under their model's name."""
     env = {"CONVSERVE_STORE": str(resnet_store), "CONVSERVE_MAX_QUEUE": "2",
            "CONVSERVE_MAX_BATCH_SIZE": "1", "CONVSERVE_WORKERS": workers}  # fmt: skip
     small = png_bytes(digit_picture(held_out_digits(1)[0], size=32), "JPEG")
@@ -134,8 +134,12 @@ def test_a_full_queue_still_lets_the_cache_answer(
         flooded = burst(server.url, "/predict", flood, JPEG)
         flooding.clear()
         asker.join()
+        counted = httpx.get(f"{server.url}/metrics").text
     statuses = [r.status_code for _, r in flooded]
     assert statuses.count(503) >= 10, statuses  # the queue was full again and again
+    assert all(len(body) <= 64 * 1024 for body in flood)  # each read before it was routed
+    refused = metric_value(counted, "convserve_requests_total", model="resnet18", status="503")
+    assert refused == statuses.count(503)
     assert len(again) >= 10
     assert {r.status_code for r in again} == {200}, [r.text for r in again if r.is_error]
     assert all(r.json() == first.json() for r in again)

@@ -618,7 +618,14 @@ class Requests:
         """The explorer: decode one image, then its own pass through the model, admitted on
         the version's queue (so retiring the version waits for it). `first` as classify's."""
         wanted = name if first is None else first.name
-        async with self.models.admit(wanted, version, 1, rollout_draw()) as ticket:
+        async with contextlib.AsyncExitStack() as stack:
+            admission = self.models.admit(wanted, version, 1, rollout_draw())
+            try:
+                ticket = await stack.enter_async_context(admission)
+            except QueueFullError:
+                if first is None:  # routed now: checked and named as a routed request was
+                    check(await self.route(name, version))
+                raise
             route = ticket.route
             if first is None or _moved(first, route):
                 check(route)

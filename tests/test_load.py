@@ -240,11 +240,20 @@ def test_heatmaps_and_the_explorer_are_admitted_like_predictions(
     tmp_path: Path, resnet_store: Path
 ) -> None:
     env = {"CONVSERVE_STORE": str(resnet_store), "CONVSERVE_MAX_QUEUE": "2",
-           "CONVSERVE_MAX_BATCH_SIZE": "2"}  # fmt: skip
+           "CONVSERVE_MAX_BATCH_SIZE": "2", "CONVSERVE_LOG_FORMAT": "json"}  # fmt: skip
     bodies = photos(4) * 6
     with running_server(tmp_path, env) as server:
         explorer = burst(server.url, "/models/resnet18/layers/layer4.1.conv2/maps", bodies, JPEG)
         gradcam = burst(server.url, "/predict?heatmap=gradcam", bodies, JPEG)
+        log = server.output()
+    # every refusal is logged under its model and layer, though these small bodies were read
+    # before they were routed (their admission routes them)
+    access = [json.loads(line) for line in log.splitlines() if '"convserve.access"' in line]
+    logged = [e for e in access if e["status"] == 503 and e["method"] == "POST"]
+    refused = sum(r.status_code == 503 for _, r in explorer + gradcam)
+    assert len(logged) == refused
+    assert all(entry["model"] == "resnet18" for entry in logged), logged
+    assert all(e["layer"] == "layer4.1.conv2" for e in logged if e["path"].endswith("/maps"))
     for results in (explorer, gradcam):
         statuses = [r.status_code if isinstance(r, httpx.Response) else repr(r) for _, r in results]
         assert set(statuses) <= {200, 503}, statuses

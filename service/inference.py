@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeVar, cast, overload
+from typing import Protocol, TypeVar, cast
 
 import msgspec
 import numpy as np
@@ -353,48 +353,36 @@ class Requests:
         """The version this request reaches, drawn once for a rollout's canary (rollout_draw)."""
         return await self.models.route(name, version, rollout_draw())
 
-    @overload
-    async def route_body(
-        self,
-        name: str | None,
-        version: str | None,
-        read: Callable[[], Awaitable[T]],
-        check: Callable[[Route], object] = ...,
-        *,
-        small: Literal[False] = False,
-    ) -> tuple[Route, T]: ...
-
-    @overload
-    async def route_body(
-        self,
-        name: str | None,
-        version: str | None,
-        read: Callable[[], Awaitable[T]],
-        check: Callable[[Route], object] = ...,
-        *,
-        small: bool,
-    ) -> tuple[Route | None, T]: ...
-
     async def route_body(
         self,
         name: str | None,
         version: str | None,
         read: Callable[[], Awaitable[T]],
         check: Callable[[Route], object] = lambda route: None,
-        *,
-        small: bool = False,
-    ) -> tuple[Route | None, T]:
+    ) -> tuple[Route, T]:
         """Route and run the adapter's checks before the body arrives (a 404 or 503 costs the
-        client no upload), then read it. classify() resolves again: a swap may land meanwhile.
-        A `small` body, one that came with the request's head, is read first and left
-        unrouted (None): its admission routes it, one call to the model process fewer."""
-        if small:
-            with tracing.span("read body"):
-                return None, await read()
+        client no upload), then read it. classify() resolves again: a swap may land meanwhile."""
         route = await self.route(name, version)
         check(route)
         with tracing.span("read body"):
             return route, await read()
+
+    async def receive(
+        self,
+        name: str | None,
+        version: str | None,
+        read: Callable[[], Awaitable[T]],
+        check: Callable[[Route], object],
+        *,
+        small: bool,
+    ) -> tuple[Route | None, T]:
+        """route_body(), but a `small` body, one that came with the request's head, is read
+        first and left unrouted (None): its admission routes it, one call to the model process
+        fewer."""
+        if not small:
+            return await self.route_body(name, version, read, check)
+        with tracing.span("read body"):
+            return None, await read()
 
     async def prepare(
         self, route: Route, images: Sequence[Image], deadline: float, *, keep_display: bool
@@ -462,7 +450,7 @@ class Requests:
     ) -> Classified:
         """Images (bytes to decode, or (C, H, W) arrays already preprocessed) -> one answer
         each, in order, with its heatmap drawn over the picture when `paint`. `first` is the
-        route_body() route, None for a request its admission routes (model `name`). A request
+        receive() route, None for a request its admission routes (model `name`). A request
         whose every image was answered before comes from the response cache. Images the
         capture rules pick are handed to its writer (service.capture) unless `capture` is
         False (the review page looking at what was captured)."""
@@ -553,7 +541,7 @@ class Requests:
                         return found  # an answer the cache holds needs no queue place
                 raise
             route = ticket.route
-            if first is None:  # routed here: the checks and the cache route_body did not run
+            if first is None:  # routed here: the checks and the cache receive() did not run
                 check(route)
                 found = self._cached(route, digests, explain, target)
                 if found is not None:

@@ -55,9 +55,7 @@ async def maps(
             route.conv_layer(layer)  # 404 naming the conv layers
 
         read = partial(read_images, request, requests, deadline, image, keep)
-        first, sent = await requests.route_body(
-            name, version, read, check, small=small_body(request)
-        )
+        first, sent = await requests.receive(name, version, read, check, small=small_body(request))
         if len(sent.uploads) != 1:
             raise BadRequestError(f"send one image to look inside a layer; got {len(sent.uploads)}")
         opened = requests.open_layer(first, name, version, sent.uploads[0], layer, deadline, check)

@@ -152,7 +152,7 @@ async def _predict(
         raise InvalidParameterError(
             "`layer` and `target` apply only with heatmap=gradcam|activation"
         )
-    first, sent = await requests.route_body(
+    first, sent = await requests.receive(
         name, version,
         partial(read_images, request, requests, deadline, ask.image, ask.keep),
         _checker(request, method, layer, target), small=small_body(request),

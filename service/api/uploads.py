@@ -153,7 +153,7 @@ class Sent:
 def small_body(request: Request[Any, Any, Any]) -> bool:
     """Whether the body is small enough to have come with the head (a declared length of at
     most SMALL_BODY_BYTES, or none): reading it before routing costs the client nothing, and
-    the request's admission then routes it (Requests.route_body)."""
+    the request's admission then routes it (Requests.receive)."""
     if "transfer-encoding" in request.headers:
         return False
     length = request.headers.get("content-length", "0").strip()
